@@ -1,0 +1,6 @@
+"""Scan and linear-attention operators, each with a vectorised PyTorch path and, where written, a
+fused Triton path. Shipped as ``visionlin.kernels`` (the folder is ``kernels/`` in the source tree)."""
+from ._dispatch import BACKENDS, last_backend, triton_available, use_backend
+from .gla import bidirectional_gla
+
+__all__ = ["bidirectional_gla", "use_backend", "last_backend", "triton_available", "BACKENDS"]
