@@ -1,0 +1,5 @@
+"""Layers shared by the model families (timm's layers are used wherever timm has one)."""
+from .gla import BidirectionalGLA2d
+from .mlp import swiglu_hidden_dim, swiglu_mlp
+
+__all__ = ["BidirectionalGLA2d", "swiglu_hidden_dim", "swiglu_mlp"]
