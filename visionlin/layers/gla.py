@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import RmsNorm
+from timm.layers import RmsNorm, register_notrace_module
 from torch import nn
 
 from ..kernels import bidirectional_gla
 
 
+@register_notrace_module  # a leaf for FX: shapes drive the kernel call
 class BidirectionalGLA2d(nn.Module):
     """Bidirectional GLA over an image's raster sequence, on channels-last input (B, H, W, C).
 

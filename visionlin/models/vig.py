@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from ..layers import BidirectionalGLA2d, swiglu_hidden_dim, swiglu_mlp
+from ..layers import BidirectionalGLA2d, add_pos_embed, check_image, swiglu_hidden_dim, swiglu_mlp
 
 __all__ = ["ViG", "ViGH"]
 
@@ -45,14 +45,6 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
-
-
-def _check_image(x: torch.Tensor, in_chans: int, divisor: int) -> None:
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
-    if x.shape[-2] % divisor or x.shape[-1] % divisor:
-        raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by {divisor}; "
-                         f"this model needs H and W that are multiples of {divisor}")
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -156,13 +148,9 @@ class ViG(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> position-embedded tokens, channels-last (B, H/16, W/16, D)."""
-        _check_image(x, self.in_chans, self.patch_size)
+        check_image(x, self.in_chans, self.patch_size)
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1)
-        B, H, W, C = x.shape
-        pos = self.pos_embed
-        if (H, W) != self.grid_size:
-            pos = resample_abs_pos_embed(pos, (H, W), self.grid_size, num_prefix_tokens=0, antialias=False)
-        return self.pos_drop(x + pos.view(1, H, W, C))
+        return self.pos_drop(add_pos_embed(x, self.pos_embed, self.grid_size))
 
     def forward_intermediates(
             self,
@@ -328,7 +316,7 @@ class ViGH(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
+        check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
         return self.stem(x).permute(0, 2, 3, 1)
 
     def forward_intermediates(
