@@ -6,9 +6,9 @@ so that both share every op):
 * tokens are grouped in chunks of ``CHUNK`` = 2 sub-chunks of ``SUB`` tokens;
 * ``P`` is the inclusive cumulative log-decay inside a sub-chunk and ``T`` a sub-chunk's total, so
   every decay factor is ``exp`` of a sum of gates between two tokens and every exponent is <= 0 —
-  except inside a diagonal sub-block, where the factorised form q*exp(P_i) . k*exp(-P_j) runs in
-  float64 (|P| <= SUB * GATE_FLOOR = 480 fits float64's exponent range) and is masked to j <= i
-  before it leaves float64;
+  except inside a diagonal sub-block, where the factorised form q*exp(P_i) . k*exp(-P_j) is masked
+  to j <= i; it runs in float32 while every |P| <= DIAG_FLOAT32_RANGE (exp(40) and exp(-40) are
+  normal float32 numbers) and in float64 otherwise (|P| <= SUB * GATE_FLOOR = 480 fits float64);
 * chunk states are passed by a loop over chunks (N / CHUNK steps of one fused op each); queries
   read the state at their chunk's start.
 
@@ -22,6 +22,7 @@ import torch
 SUB = 16
 CHUNK = 2 * SUB
 GATE_FLOOR = 30.0
+DIAG_FLOAT32_RANGE = 40.0
 
 
 def _causal_chunk_gla(q, k, v, g):
@@ -33,27 +34,31 @@ def _causal_chunk_gla(q, k, v, g):
 
     P = g.cumsum(dim=3)                                     # (G, nc, 2, SUB, K), <= 0
     T = P[:, :, :, -1:]                                     # (G, nc, 2, 1, K) sub-chunk totals
+    exp_T = T.exp()
+    q_dec = q * P.exp()                                     # decay from the sub-chunk start to i
+    k_dec = k * (T - P).exp()                               # decay from j to the sub-chunk end
 
-    # Diagonal sub-blocks, exact in float64 and masked to j <= i.
-    P64 = P.double()
-    a_diag = (q.double() * P64.exp()) @ (k.double() * (-P64).exp()).transpose(-1, -2)
+    # Diagonal sub-blocks: q_i exp(P_i) . k_j exp(-P_j), masked to j <= i. exp(-P) may be huge:
+    # float32 holds it while P >= -DIAG_FLOAT32_RANGE (the usual case), float64 always.
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=q.device).tril()
+    if q.dtype == torch.float64 or bool(P.amin() >= -DIAG_FLOAT32_RANGE):
+        a_diag = q_dec @ (k * (-P).exp()).transpose(-1, -2)
+    else:
+        P64 = P.double()
+        a_diag = (q.double() * P64.exp()) @ (k.double() * (-P64).exp()).transpose(-1, -2)
     a_diag = torch.where(causal, a_diag, 0.0).to(q.dtype)   # (G, nc, 2, SUB, SUB)
     out = a_diag @ v                                        # (G, nc, 2, SUB, V)
 
     # Second sub-chunk reading the first: exp(P_i) . exp(T_0 - P_j), both exponents <= 0.
-    a_off = (q[:, :, 1] * P[:, :, 1].exp()) @ (k[:, :, 0] * (T[:, :, 0] - P[:, :, 0]).exp()).transpose(-1, -2)
-    out[:, :, 1] += a_off @ v[:, :, 0]
+    out[:, :, 1] += (q_dec[:, :, 1] @ k_dec[:, :, 0].transpose(-1, -2)) @ v[:, :, 0]
 
-    # Inter-chunk: decay from the chunk start to token i, and from token j to the chunk end.
-    from_start = P.clone()
-    from_start[:, :, 1] += T[:, :, 0]
-    total = from_start[:, :, 1, -1]                         # (G, nc, K)
-    to_end = (total[:, :, None, None] - from_start).clamp(max=0.0)
-    q_in = (q * from_start.exp()).reshape(G, nc, CHUNK, K)
-    k_st = (k * to_end.exp()).reshape(G, nc, CHUNK, K)
+    # Inter-chunk: the chunk's state enters sub-chunk 1 after sub-chunk 0's decay, and the chunk's
+    # update decays sub-chunk 0's keys through sub-chunk 1.
+    ones = torch.ones_like(exp_T[:, :, :1])
+    q_in = (q_dec * torch.cat((ones, exp_T[:, :, :1]), dim=2)).reshape(G, nc, CHUNK, K)
+    k_st = (k_dec * torch.cat((exp_T[:, :, 1:], ones), dim=2)).reshape(G, nc, CHUNK, K)
     updates = k_st.transpose(-1, -2) @ v.reshape(G, nc, CHUNK, V)   # (G, nc, K, V)
-    decay = total.exp().unsqueeze(-1)                       # (G, nc, K, 1)
+    decay = (exp_T[:, :, 0] * exp_T[:, :, 1]).transpose(-1, -2)     # (G, nc, K, 1)
     states = [q.new_zeros(G, K, V)]
     for c in range(nc - 1):
         states.append(torch.addcmul(updates[:, c], states[-1], decay[:, c]))
