@@ -1,0 +1,23 @@
+"""The MAC counter behind the model cards reproduces the documented counts."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("count_flops", Path(__file__).parents[1] / "tools" / "count_flops.py")
+count_flops = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(count_flops)
+
+
+@pytest.mark.parametrize("name,gmacs", [("vig_t", 1.17), ("vig_s", 4.48)])
+def test_vig_counts_match_the_every_linear_layer_count(name, gmacs):
+    macs = count_flops.count_macs(count_flops.build(name, 224), 224)
+    assert round(macs["total"], 2) == gmacs
+
+
+def test_attention_is_counted_quadratically_and_gla_linearly():
+    deit = count_flops.count_macs(count_flops.build("deit_tiny_patch16_224", 224), 224)
+    assert deit["mixer"] == pytest.approx(12 * 2 * 197 ** 2 * 192 / 1e9)
+    vig = count_flops.build("vig_t", 224)
+    small, large = (count_flops.count_macs(vig, r)["mixer"] for r in (224, 448))
+    assert large == pytest.approx(4 * small)

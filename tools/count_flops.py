@@ -1,0 +1,80 @@
+"""Count multiply-accumulates (GMACs) of timm models at given resolutions, the same way for all.
+
+How it counts (and why): every linear layer and convolution is counted from the ops that run
+(torch's FlopCounterMode: mm, addmm, convolution); the token mixers are counted analytically,
+because what an implementation executes (chunk padding, float64 sub-blocks, fused kernels) is not
+the model's cost:
+  * softmax attention (timm ``Attention``): Q K^T and A V, 2 * N^2 * D per layer;
+  * bidirectional GLA (visionlin ``BidirectionalGLA2d``): the recurrent form, per direction a
+    state update k^T v and a read-out q h, so 2 directions * 2 * N * H * K * V per layer.
+Elementwise work (norms, activations, gates) is not counted, as in the papers' tables.
+
+    python tools/count_flops.py --models vig_t deit_tiny_patch16_224 --resolutions 224 1024
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Sequence
+
+import timm
+import torch
+from timm.models.vision_transformer import Attention
+from torch.utils.flop_counter import FlopCounterMode
+
+import visionlin  # noqa: F401  (registers the models)
+from visionlin.layers import BidirectionalGLA2d
+
+_COUNTED_OPS = ("aten.mm", "aten.addmm", "aten.convolution")
+
+
+def _mixer_macs(module, inputs, output, totals: Dict[str, float]) -> None:
+    x = inputs[0]
+    if isinstance(module, BidirectionalGLA2d):
+        B, H, W, _ = x.shape
+        totals["mixer"] += B * 2 * 2 * H * W * module.num_heads * module.head_k_dim * module.head_v_dim
+    else:  # timm Attention on (B, N, D)
+        B, N, D = x.shape
+        totals["mixer"] += B * 2 * N * N * D
+
+
+def count_macs(model: torch.nn.Module, resolution: int, in_chans: int = 3) -> Dict[str, float]:
+    """GMACs of one image at resolution x resolution: {'layers', 'mixer', 'total'}."""
+    totals = {"mixer": 0.0}
+    hooks = [m.register_forward_hook(lambda mod, i, o: _mixer_macs(mod, i, o, totals))
+             for m in model.modules() if isinstance(m, (BidirectionalGLA2d, Attention))]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(torch.zeros(1, in_chans, resolution, resolution))
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in _COUNTED_OPS) / 2
+    return {"layers": layers / 1e9, "mixer": totals["mixer"] / 1e9, "total": (layers + totals["mixer"]) / 1e9}
+
+
+def build(name: str, resolution: int) -> torch.nn.Module:
+    """Models with a fixed input size (DeiT) are built at the resolution, the others as released."""
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size:
+        return timm.create_model(name, img_size=resolution)
+    return timm.create_model(name)
+
+
+def main(argv: Sequence[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["vig_t", "vig_s", "vig_b", "vig_h_t", "vig_h_s", "vig_h_b"])
+    parser.add_argument("--resolutions", nargs="+", type=int, default=[224])
+    args = parser.parse_args(argv)
+    print("| model | resolution | params (M) | layers GMACs | mixer GMACs | total GMACs |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        for res in args.resolutions:
+            model = build(name, res)
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            macs = count_macs(model, res)
+            print(f"| {name} | {res} | {params:.2f} | {macs['layers']:.3f} | {macs['mixer']:.3f} | {macs['total']:.3f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
