@@ -62,7 +62,8 @@ def _causal_chunk_gla(q, k, v, g):
     states = [q.new_zeros(G, K, V)]
     for c in range(nc - 1):
         states.append(torch.addcmul(updates[:, c], states[-1], decay[:, c]))
-    out = out.reshape(G, nc, CHUNK, V) + q_in @ torch.stack(states, dim=1)
+    out = torch.baddbmm(out.reshape(G * nc, CHUNK, V), q_in.reshape(G * nc, CHUNK, K),
+                        torch.stack(states, dim=1).reshape(G * nc, K, V))
     return out.reshape(G, N, V)
 
 

@@ -1,0 +1,45 @@
+"""Shared layers: the BiGLA mixer against its formula, the fast log-sigmoid, SwiGLU sizing."""
+import torch
+import torch.nn.functional as F
+
+from visionlin.kernels.gla import naive_bidirectional_gla
+from visionlin.layers import BidirectionalGLA2d, swiglu_hidden_dim
+from visionlin.layers.gla import log_sigmoid
+
+
+def test_log_sigmoid_matches_float64_reference_over_the_whole_range():
+    x = torch.linspace(-500, 60, 20001)
+    ref = F.logsigmoid(x.double())
+    assert (log_sigmoid(x).double() - ref).abs().max() < 1e-6
+    assert log_sigmoid(torch.tensor([-float("inf")])).item() == -float("inf")
+
+
+def rms_norm(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_mixer_equals_the_written_out_vig_formula():
+    torch.manual_seed(0)
+    dim, heads, H, W = 32, 2, 5, 6
+    mixer = BidirectionalGLA2d(dim, heads, conv_act=True, out_act=True).double()
+    for p in mixer.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, H, W, dim, dtype=torch.float64)
+    N, dk, dv = H * W, dim // 2, dim
+    xs = F.silu(F.conv2d(x.permute(0, 3, 1, 2), mixer.in_proj[0].weight, padding=1, groups=dim))
+    xs = xs.flatten(2).transpose(1, 2)                     # (B, N, D) raster order
+    q, k, v = (xs @ mixer.qkv_proj.weight.T).split((dk, dk, dv), -1)
+    gk = (xs @ mixer.gk_proj[0].weight.T) @ mixer.gk_proj[1].weight.T + mixer.gk_proj[1].bias
+    g_f, g_b = (F.logsigmoid(gk) / 16).split((dk, dk), -1)
+    heads_of = lambda t: t.reshape(2, N, heads, -1)        # noqa: E731
+    o = naive_bidirectional_gla(heads_of(q), heads_of(k), heads_of(v), heads_of(g_f), heads_of(g_b))
+    gate = torch.sigmoid(xs @ mixer.g_proj.weight.T + mixer.g_proj.bias)
+    o = heads_of(gate) * rms_norm(o, mixer.g_norm.weight) + (1 - heads_of(gate)) * rms_norm(heads_of(xs), mixer.l_norm.weight)
+    expected = F.silu(o.reshape(2, N, dv)) @ mixer.o_proj.weight.T
+    torch.testing.assert_close(mixer(x), expected.reshape(2, H, W, dim), rtol=1e-9, atol=1e-9)
+
+
+def test_swiglu_widths_follow_the_official_rounding():
+    assert [swiglu_hidden_dim(d, 256) for d in (192, 384, 768)] == [512, 1024, 2048]
+    assert [swiglu_hidden_dim(d, 32) for d in (96, 192, 384, 768)] == [256, 512, 1024, 2048]
+    assert swiglu_hidden_dim(128, 32) == 352
