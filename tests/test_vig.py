@@ -1,10 +1,15 @@
 """ViG / ViG-H on timm: official layout (parameter counts, converted checkpoints) and timm conventions."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 
 import visionlin  # noqa: F401  (registers the models)
-from visionlin.models.vig import ViG, ViGH, checkpoint_filter_fn
+from visionlin.models.vig import checkpoint_filter_fn
 
 PLAIN = ["vig_t", "vig_s", "vig_b"]
 HIER = ["vig_h_t", "vig_h_s", "vig_h_b"]
@@ -306,3 +311,39 @@ def test_save_for_hf_round_trips_through_local_dir(tmp_path):
     x = torch.randn(1, 3, SMALL, SMALL)
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+class TrainingConfig:
+    """Stands in for the yacs config the official training checkpoints pickle."""
+    epochs = 300
+
+
+def test_convert_checkpoint_tool_reads_official_training_files(tmp_path):
+    tool = Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", tool)
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+
+    source = tiny("vig_h_t").eval()
+    src = tmp_path / "ckpt_epoch_299.pth"
+    torch.save({"model": official_vigh_state_dict(source), "config": TrainingConfig(), "epoch": 299}, src)
+    dest = tmp_path / "vig_h_t.safetensors"
+    with pytest.raises(SystemExit, match="--trust-pickle"):
+        convert.convert("vig_h_t", str(src), str(dest), **tiny_args("vig_h_t"))
+    assert not dest.exists()
+    convert.convert("vig_h_t", str(src), str(dest), trust_pickle=True, **tiny_args("vig_h_t"))
+    loaded = tiny("vig_h_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(dest))).eval()
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+    bad = tmp_path / "bad.pth"
+    state = official_vigh_state_dict(source)
+    state.pop("layers.0.downsample.1.weight")
+    torch.save({"model": state}, bad)
+    with pytest.raises(SystemExit, match=r"missing: stages\.1\.downsample\.0\.weight"):
+        convert.convert("vig_h_t", str(bad), str(tmp_path / "bad.safetensors"), **tiny_args("vig_h_t"))
+    result = subprocess.run([sys.executable, str(tool), "vig_t", str(tmp_path / "nope.pth"), str(dest)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "checkpoint not found" in result.stderr

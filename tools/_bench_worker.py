@@ -279,16 +279,13 @@ def run(spec: dict) -> dict:
 
 
 def count_gmacs(model, x, amp_ctx, bs: int):
-    """Forward GMACs per image (matmul/conv/attention via FlopCounterMode); None if it cannot count."""
-    import torch
-
+    """Forward GMACs per image, counted as in tools/count_flops.py; None if it cannot count."""
     try:
-        from torch.utils.flop_counter import FlopCounterMode
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from count_flops import count_macs
 
-        fc = FlopCounterMode(display=False)
-        with torch.inference_mode(), fc, amp_ctx():
-            model(x)
-        return fc.get_total_flops() / 2.0 / 1e9 / bs
+        with amp_ctx():
+            return count_macs(model, x.shape[-1], in_chans=x.shape[1])["total"]
     except Exception:
         return None
 

@@ -43,10 +43,9 @@ Method
   after ``reset_peak_memory_stats()`` minus ``memory_allocated()`` after the model was built and
   warmed up. ``--amp bf16|fp16`` runs under ``torch.autocast``; ``--channels-last`` converts model
   and input.
-* GMACs (forward, per image) come from ``torch.utils.flop_counter.FlopCounterMode`` around one extra
-  forward AFTER all measurements (in the memory process, so it cannot disturb timing or memory). It
-  counts matmuls, convolutions and attention seen by the aten dispatcher, not elementwise ops, and
-  nothing inside custom Triton kernels.
+* GMACs (forward, per image) are counted as ``tools/count_flops.py`` does (linear layers and
+  convolutions from the ops that run, softmax attention and GLA analytically) on one extra forward
+  AFTER all measurements, in the memory process, so it cannot disturb timing or memory.
 * Failures never stop the run: out-of-memory (``torch.OutOfMemoryError``, RuntimeErrors saying "out of
   memory", ``MemoryError``, a worker killed by SIGKILL, i.e. the kernel OOM killer, or a worker whose
   RSS passes ``--max-memory-gb``, watched by a psutil watchdog) gives status ``oom``; a worker running

@@ -1,0 +1,111 @@
+"""Convert an official checkpoint into a visionlin safetensors file that timm loads offline.
+
+    python tools/convert_checkpoint.py vig_s vig_s_official.pth vig_s.safetensors
+    python -c "import timm, visionlin; timm.create_model('vig_s', pretrained=True,
+               pretrained_cfg_overlay=dict(file='vig_s.safetensors'))"
+
+The official training checkpoints also pickle non-tensor objects (hustvl/ViG stores its yacs
+config under 'config'), which torch refuses to read with ``weights_only=True``. Reading those runs
+code from the file, so it needs ``--trust-pickle``; only use it on files from a source you trust.
+The family's ``checkpoint_filter_fn`` does the key mapping; the result is checked against the model
+(every key present, every shape right) before anything is written, and written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import tempfile
+from typing import Dict, Sequence
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+import visionlin  # noqa: F401  (registers the models)
+
+WEIGHT_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict")
+
+
+def read_checkpoint(path: str, trust_pickle: bool) -> Dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise SystemExit(
+                f"{path} pickles objects other than tensors (torch says: {str(err).splitlines()[0]}).\n"
+                "Reading it executes code from the file; if you trust its source, rerun with --trust-pickle.")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def select_weights(checkpoint: Dict, which: str) -> Dict[str, torch.Tensor]:
+    """The weight dict of a training checkpoint: ``which`` if given, else EMA first (as timm does)."""
+    candidates = [which] if which != "auto" else list(WEIGHT_KEYS)
+    for key in candidates:
+        value = checkpoint.get(key) if isinstance(checkpoint, dict) else None
+        if isinstance(value, dict) and value:
+            print(f"using the weights under '{key}' ({len(value)} tensors)")
+            return value
+    if which != "auto":
+        raise SystemExit(f"the checkpoint has no non-empty '{which}' entry; it has {sorted(checkpoint)}")
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        print(f"the file is a bare state dict ({len(checkpoint)} tensors)")
+        return checkpoint
+    raise SystemExit(f"no weights found under any of {WEIGHT_KEYS}; top-level keys: {sorted(checkpoint)}")
+
+
+def convert(model_name: str, source: str, dest: str, which: str = "auto", trust_pickle: bool = False,
+            **model_kwargs) -> Dict[str, torch.Tensor]:
+    if not dest.endswith(".safetensors"):
+        raise SystemExit(f"the output must be a .safetensors file, got {dest}")
+    model = timm.create_model(model_name, **model_kwargs)
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is None:
+        raise SystemExit(f"{model_name} has no checkpoint_filter_fn to convert official checkpoints with")
+    weights = select_weights(read_checkpoint(source, trust_pickle), which)
+    converted = filter_fn(weights, model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    unexpected = sorted(set(converted) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(converted) if converted[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not match {model_name}:"]
+        lines += [f"  missing: {k}" for k in missing]
+        lines += [f"  unexpected: {k}" for k in unexpected]
+        lines += [f"  wrong shape: {k} {tuple(converted[k].shape)} != {tuple(expected[k].shape)}" for k in wrong]
+        raise SystemExit("\n".join(lines))
+    renamed = sum(1 for k in weights if k not in converted)
+    print(f"mapped {len(weights)} official tensors to {len(converted)} {model_name} tensors "
+          f"({renamed} renamed or reshaped)")
+    out = {k: v.contiguous() for k, v in converted.items()}
+    directory = os.path.dirname(os.path.abspath(dest))
+    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata={"source": os.path.basename(source), "model": model_name})
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {dest}")
+    return out
+
+
+def main(argv: Sequence[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="registered model name, e.g. vig_s")
+    parser.add_argument("source", help="official checkpoint (.pth)")
+    parser.add_argument("dest", help="output .safetensors file")
+    parser.add_argument("--weights", default="auto", choices=("auto",) + WEIGHT_KEYS,
+                        help="which weights of a training checkpoint to take (auto: EMA first, like timm)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow reading checkpoints that pickle non-tensor objects (runs code from the file)")
+    args = parser.parse_args(argv)
+    convert(args.model, args.source, args.dest, args.weights, args.trust_pickle)
+
+
+if __name__ == "__main__":
+    main()
