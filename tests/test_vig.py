@@ -198,7 +198,7 @@ def test_fx_traced_model_matches_eager(name):
 
 # --- official checkpoints ------------------------------------------------------------------------
 
-def official_vig_state_dict(model: ViG):
+def official_vig_state_dict(model):
     """A state dict in the official hustvl/ViG layout (key names from the release), from our model."""
     ours = model.state_dict()
     out = {"pos_embed": ours["pos_embed"]}
@@ -218,7 +218,7 @@ def official_vig_state_dict(model: ViG):
     return out
 
 
-def official_vigh_state_dict(model: ViGH):
+def official_vigh_state_dict(model):
     """Official ViG-H layout: patch_embed.{0,2,5,7}, layers.{s}.blocks.{j}.{norm,op,norm2,mlp},
     layers.{s}.downsample.{1,3} at the END of stage s, classifier.{norm,head}, 1x1-conv projections."""
     ours = model.state_dict()
