@@ -68,9 +68,9 @@ def test_forward_is_finite_and_grad_checkpointing_keeps_output(name):
             model.set_grad_checkpointing(False)
 
 
-@pytest.mark.parametrize("name", ["vig_t", "vig_h_t"])
+@pytest.mark.parametrize("name", ALL)
 def test_backward_reaches_every_parameter_with_new_class_count(name):
-    model = timm.create_model(name, num_classes=42)
+    model = tiny(name, num_classes=42)
     out = model(torch.randn(2, 3, SMALL, SMALL))
     assert out.shape == (2, 42)
     out.mean().backward()
@@ -97,7 +97,7 @@ def test_default_cfg_and_unpooled_outputs(name):
         assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
 
 
-@pytest.mark.parametrize("name", ["vig_t", "vig_h_t"])
+@pytest.mark.parametrize("name", ALL)
 def test_reset_classifier_and_num_classes_zero(name):
     x = torch.randn(1, 3, SMALL, SMALL)
     model = tiny(name).eval()
@@ -109,15 +109,15 @@ def test_reset_classifier_and_num_classes_zero(name):
         assert model(x).shape == feats.shape
         model.reset_classifier(7, "avg")
         assert model(x).shape == (1, 7)
-        created = timm.create_model(name, num_classes=0, global_pool="")
+        created = tiny(name, num_classes=0, global_pool="")
         assert created.eval()(x).shape == created.forward_features(x).shape
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(0, "max")
 
 
-@pytest.mark.parametrize("name", ["vig_t", "vig_h_t"])
+@pytest.mark.parametrize("name", ALL)
 def test_in_chans_and_num_classes_when_creating(name):
-    model = timm.create_model(name, in_chans=1, num_classes=5).eval()
+    model = tiny(name, in_chans=1, num_classes=5).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, SMALL, SMALL)).shape == (1, 5)
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
@@ -136,7 +136,7 @@ def test_features_only_channels_and_strides_match_feature_info(name):
         assert out.shape[2] == SMALL * 2 // red and out.shape[3] == SMALL * 2 // red
 
 
-@pytest.mark.parametrize("name", ["vig_t", "vig_h_t"])
+@pytest.mark.parametrize("name", ALL)
 def test_forward_intermediates_final_equals_forward_features(name):
     model = tiny(name).eval()
     x = torch.randn(1, 3, SMALL, SMALL)
@@ -186,7 +186,7 @@ def test_no_weight_decay_and_group_matcher_name_real_parameters():
     assert sum(len(v) for v in groups.values()) == len(dict(hier.named_parameters()))
 
 
-@pytest.mark.parametrize("name", ["vig_t", "vig_h_t"])
+@pytest.mark.parametrize("name", ALL)
 def test_fx_traced_model_matches_eager(name):
     from timm.models import create_feature_extractor
     model = tiny(name).eval()
