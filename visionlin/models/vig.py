@@ -54,8 +54,36 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class ViG(nn.Module):
+def _check_global_pool(global_pool: str) -> str:
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+class _ClassifierHead:
+    """timm's classifier interface shared by both families: average pool over ``_pool_dims`` -> Linear."""
+    _pool_dims: Tuple[int, ...]
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = _check_global_pool(global_pool)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=self._pool_dims)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+
+class ViG(_ClassifierHead, nn.Module):
     """Plain ViG: stride-16 tokens, ``depth`` blocks of one width, global average pooling."""
+    _pool_dims = (1,)  # tokens (B, N, D)
 
     def __init__(
             self,
@@ -77,14 +105,12 @@ class ViG(nn.Module):
         super().__init__()
         if patch_size != 16:
             raise ValueError(f"ViG's overlapping patch embed has stride 16; got patch_size={patch_size}")
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
             raise ValueError(f"img_size {img_size} must be divisible by the patch stride {patch_size}")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
+        self.global_pool = _check_global_pool(global_pool)
         self.patch_size = patch_size
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0
@@ -133,18 +159,6 @@ class ViG(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> position-embedded tokens, channels-last (B, H/16, W/16, D)."""
@@ -196,12 +210,6 @@ class ViG(nn.Module):
             x = self.blocks(x)
         return self.norm(x).flatten(1, 2)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -231,8 +239,9 @@ class ViGHStage(nn.Module):
         return self.blocks(x)
 
 
-class ViGH(nn.Module):
+class ViGH(_ClassifierHead, nn.Module):
     """Hierarchical ViG: stem to stride 4, four stages, LayerNorm, average-pooled head."""
+    _pool_dims = (1, 2)  # channels-last map (B, H, W, C)
 
     def __init__(
             self,
@@ -247,13 +256,11 @@ class ViGH(nn.Module):
             drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
+        self.global_pool = _check_global_pool(global_pool)
         self.output_fmt = 'NHWC'
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
@@ -303,18 +310,6 @@ class ViGH(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
         return self.stem(x).permute(0, 2, 3, 1)
@@ -358,12 +353,6 @@ class ViGH(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled, normalised features, channels-last (B, H/32, W/32, C)."""
         return self.norm(self.stages(self._stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
