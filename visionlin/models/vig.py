@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, RmsNorm, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import nn
 
@@ -433,6 +434,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(cls, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise ValueError(
+                f"{variant}: the official weights are not hosted in timm format; download them from "
+                "https://huggingface.co/hustvl/ViG and pass "
+                "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')")
     return build_model_with_cfg(
         cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
