@@ -331,6 +331,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     pytest.importorskip("triton")
     from triton.backends import backends
@@ -352,6 +353,7 @@ def test_interpreter_suite_in_fresh_process():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_runs_on_cpu_with_the_torch_path(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
