@@ -181,3 +181,14 @@ def test_baseline_ratios_and_table():
     assert rows[2]["speedup_vs_baseline"] is None
     table = tool.markdown_table(rows, "b")
     assert "2.00x" in table and "0.25x" in table and "**oom**" in table
+
+
+def test_train_mode_times_forward_and_backward_of_a_visionlin_model(tmp_path):
+    out = tmp_path / "train"
+    proc = _run(["--models", "vig_t", "--resolutions", "64", "--mode", "train", "--warmup", "1", "--iters", "1",
+                 "--threads", "1", "--memory-run", "shared", "--no-plot", "--out", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert row["status"] == "ok" and row["mode"] == "train", row
+    assert row["throughput_img_s"] > 0 and row["peak_act_mem_mib"] > 0
+    assert round(row["gmacs"] * (224 / 64) ** 2, 2) == pytest.approx(1.17, abs=0.1)
