@@ -59,14 +59,21 @@ def requested_backend(backend: Optional[str]) -> str:
         backend = getattr(_state, "backend", None)
     if backend is None:
         backend = os.environ.get(_ENV_VAR, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"{_ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     return _check_name(backend)
 
 
-def resolve_backend(op: str, backend: Optional[str], device: torch.device, has_triton_impl: bool) -> str:
-    """Decide the path for one call of ``op`` on tensors living on ``device``."""
+def resolve_backend(op: str, backend: Optional[str], device: torch.device, has_triton_impl: bool,
+                    triton_supports: bool = True) -> str:
+    """Decide the path for one call of ``op`` on tensors living on ``device``.
+
+    ``triton_supports`` says whether the Triton path handles this call's shapes and dtypes: 'auto'
+    then falls back to the PyTorch path, while an explicit 'triton' lets the kernel raise its error.
+    """
     wanted = requested_backend(backend)
     if wanted == "auto":
-        use_triton = has_triton_impl and device.type == "cuda" and triton_available()
+        use_triton = has_triton_impl and triton_supports and device.type == "cuda" and triton_available()
         wanted = "triton" if use_triton else "torch"
     elif wanted == "triton":
         if not has_triton_impl:

@@ -141,3 +141,30 @@ def test_bad_inputs_raise_errors_naming_the_argument(arg, bad, match):
     inputs[arg] = bad
     with pytest.raises(ValueError, match=match):
         bidirectional_gla(*inputs)
+
+
+def test_empty_batch_or_no_heads_give_empty_output():
+    for B, H in ((0, 3), (2, 0)):
+        q, k, v, g_f, g_b = make_inputs(B=B, H=H, N=10)
+        assert bidirectional_gla(q, k, v, g_f, g_b).shape == v.shape
+
+
+def test_zero_head_dim_is_rejected():
+    q, k, v, g_f, g_b = make_inputs(K=16)
+    with pytest.raises(ValueError, match="head dims must be >= 1"):
+        bidirectional_gla(q[..., :0], k[..., :0], v, g_f[..., :0], g_b[..., :0])
+
+
+def test_auto_falls_back_to_torch_where_triton_does_not_support_the_call():
+    from visionlin.kernels._dispatch import resolve_backend, triton_available
+    cuda = torch.device("cuda")
+    assert resolve_backend("op", "auto", cuda, True, triton_supports=False) == "torch"
+    if triton_available():
+        assert resolve_backend("op", "auto", cuda, True, triton_supports=True) == "triton"
+    assert resolve_backend("op", "auto", torch.device("cpu"), True, triton_supports=True) == "torch"
+
+
+def test_bad_backend_in_the_environment_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VISIONLIN_KERNEL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="VISIONLIN_KERNEL_BACKEND"):
+        bidirectional_gla(*make_inputs(N=4))

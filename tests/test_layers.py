@@ -43,3 +43,10 @@ def test_swiglu_widths_follow_the_official_rounding():
     assert [swiglu_hidden_dim(d, 256) for d in (192, 384, 768)] == [512, 1024, 2048]
     assert [swiglu_hidden_dim(d, 32) for d in (96, 192, 384, 768)] == [256, 512, 1024, 2048]
     assert swiglu_hidden_dim(128, 32) == 352
+
+
+def test_log_sigmoid_gradient_stays_finite_for_very_negative_logits():
+    x = torch.tensor([-50.0, -90.0, -103.0, -200.0, 3.0], requires_grad=True)
+    log_sigmoid(x).sum().backward()
+    ref = torch.autograd.grad(F.logsigmoid(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, ref)

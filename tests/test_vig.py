@@ -1,5 +1,6 @@
 """ViG / ViG-H on timm: official layout (parameter counts, converted checkpoints) and timm conventions."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -349,6 +350,31 @@ def test_convert_checkpoint_tool_reads_official_training_files(tmp_path):
     torch.save({"model": state}, bad)
     with pytest.raises(SystemExit, match=r"missing: stages\.1\.downsample\.0\.weight"):
         convert.convert("vig_h_t", str(bad), str(tmp_path / "bad.safetensors"), **tiny_args("vig_h_t"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask
+    whole = tmp_path / "whole_model.pth"
+    torch.save([1, 2], whole)
+    with pytest.raises(SystemExit, match="got a pickled list"):
+        convert.convert("vig_h_t", str(whole), str(tmp_path / "w.safetensors"), trust_pickle=True, **tiny_args("vig_h_t"))
     result = subprocess.run([sys.executable, str(tool), "vig_t", str(tmp_path / "nope.pth"), str(dest)],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "checkpoint not found" in result.stderr
+
+
+def test_features_only_defaults_fit_shallow_custom_models():
+    plain = timm.create_model("vig_t", features_only=True, embed_dim=64, depth=2, num_heads=2).eval()
+    assert len(plain.feature_info.channels()) == 2
+    hier = timm.create_model("vig_h_t", features_only=True, embed_dim=32, depths=(1, 1), num_heads=(1, 2)).eval()
+    with torch.no_grad():
+        assert [o.shape[1] for o in hier(torch.randn(1, 3, 64, 64))] == [32, 64]
+
+
+def test_filter_takes_ema_weights_first_like_timm():
+    model = tiny("vig_t")
+    ema = official_vig_state_dict(model)
+    raw = {k: v + 1 for k, v in ema.items()}
+    converted = checkpoint_filter_fn({"model": raw, "model_ema": ema}, model)
+    assert torch.equal(converted["head.weight"], model.state_dict()["head.weight"])
+    converted = checkpoint_filter_fn({"model": raw, "model_ema": {}}, model)
+    assert torch.equal(converted["head.weight"], raw["head.weight"])

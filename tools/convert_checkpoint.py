@@ -43,15 +43,17 @@ def read_checkpoint(path: str, trust_pickle: bool) -> Dict:
 
 def select_weights(checkpoint: Dict, which: str) -> Dict[str, torch.Tensor]:
     """The weight dict of a training checkpoint: ``which`` if given, else EMA first (as timm does)."""
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f"expected a checkpoint dict or a state dict, got a pickled {type(checkpoint).__name__}")
     candidates = [which] if which != "auto" else list(WEIGHT_KEYS)
     for key in candidates:
-        value = checkpoint.get(key) if isinstance(checkpoint, dict) else None
+        value = checkpoint.get(key)
         if isinstance(value, dict) and value:
             print(f"using the weights under '{key}' ({len(value)} tensors)")
             return value
     if which != "auto":
         raise SystemExit(f"the checkpoint has no non-empty '{which}' entry; it has {sorted(checkpoint)}")
-    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         print(f"the file is a bare state dict ({len(checkpoint)} tensors)")
         return checkpoint
     raise SystemExit(f"no weights found under any of {WEIGHT_KEYS}; top-level keys: {sorted(checkpoint)}")
@@ -86,6 +88,9 @@ def convert(model_name: str, source: str, dest: str, which: str = "auto", trust_
     os.close(fd)
     try:
         save_file(out, tmp, metadata={"source": os.path.basename(source), "model": model_name})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):

@@ -22,6 +22,12 @@ _OP = "bidirectional_gla"
 _HAS_TRITON_IMPL = importlib.util.find_spec(__name__ + ".chunk_triton") is not None
 
 
+def _triton_supports(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Shapes and dtypes the fused kernel takes (it raises a clear error for the others)."""
+    dims = (16, 32, 64, 128)
+    return q.shape[-1] in dims and v.shape[-1] in dims and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _validate(q, k, v, g_fwd, g_bwd) -> None:
     for name, t in (("q", q), ("k", k), ("g_fwd", g_fwd), ("g_bwd", g_bwd)):
         check_tensor(name, t, 4, "(B, N, H, K)")
@@ -36,6 +42,8 @@ def _validate(q, k, v, g_fwd, g_bwd) -> None:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
     if q.shape[1] == 0:
         raise ValueError("q has N = 0 tokens; bidirectional_gla needs N >= 1")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got K={q.shape[-1]} (q) and V={v.shape[-1]} (v)")
 
 
 def bidirectional_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor,
@@ -54,7 +62,9 @@ def bidirectional_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: 
     """
     _validate(q, k, v, g_fwd, g_bwd)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL)
+    if q.numel() == 0:  # an empty batch or no heads
+        return v.new_zeros(v.shape)
+    path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL, _triton_supports(q, v))
     if path == "triton":
         from .chunk_triton import triton_bidirectional_gla
         return triton_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale)

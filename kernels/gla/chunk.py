@@ -79,20 +79,22 @@ def chunk_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale: float):
     """Inputs (B, N, H, K|V), already validated; returns o (B, N, H, V) in q's dtype."""
     B, N, H, _ = q.shape
     V = v.shape[-1]
+    out_dtype = q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_pad = -N % CHUNK
 
     def stacked(x_f, x_b):
         """Forward sequence and flipped backward sequence as one (2*B*H, N_pad, D) batch."""
-        x_f, x_b = (x.to(compute).transpose(1, 2) for x in (x_f, x_b))
+        x_f, x_b = (x.transpose(1, 2) for x in (x_f, x_b))
         x = torch.stack((x_f, x_b.flip(2)))
         if n_pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, n_pad))
         return x.reshape(2 * B * H, N + n_pad, x.shape[-1])
 
-    qs = q * scale
+    q, k, v, g_fwd, g_bwd = (t.to(compute) for t in (q, k, v, g_fwd, g_bwd))
+    qs = q * scale  # after the cast: no extra rounding of half-precision queries
     o = _causal_chunk_gla(stacked(qs, qs), stacked(k, k), stacked(v, v),
                           stacked(g_fwd, g_bwd).clamp(min=-GATE_FLOOR))
     o = o[:, :N].reshape(2, B, H, N, V)
     o = (o[0] + o[1].flip(2)) * 0.5
-    return o.transpose(1, 2).to(q.dtype)
+    return o.transpose(1, 2).to(out_dtype)

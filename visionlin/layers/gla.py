@@ -15,7 +15,8 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
     sigmoid(x) is a normal float32 number for x > -80, and below that log(sigmoid(x)) = x to
     float32 precision (the correction is log1p(exp(x)) < 2e-35).
     """
-    return torch.where(x > -80.0, torch.sigmoid(x).log(), x)
+    # the clamp keeps the discarded branch finite, so its gradient (0 * inf) cannot turn into NaN
+    return torch.where(x > -80.0, torch.sigmoid(x.clamp(min=-80.0)).log(), x)
 
 
 @register_notrace_module  # a leaf for FX: shapes drive the kernel call

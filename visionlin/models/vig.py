@@ -287,10 +287,9 @@ class ViGH(_ClassifierHead, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
 
+        # as in the official ViG-H: the mixers' xavier init is overridden for every Linear (1x1)
+        # projection by trunc-normal(0.02); the depthwise convs keep theirs
         self.apply(_init_linear)
-        for m in self.modules():
-            if isinstance(m, BidirectionalGLA2d):
-                m.reset_parameters()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -362,9 +361,10 @@ class ViGH(_ClassifierHead, nn.Module):
 # --- official checkpoints -------------------------------------------------------------------------
 
 def _unwrap(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official files hold {'model': ..., 'model_ema': ..., 'optimizer': ...}; take the weights."""
-    for key in ('model', 'state_dict', 'model_ema'):
-        if key in state_dict and isinstance(state_dict[key], dict):
+    """Official files hold {'model': ..., 'model_ema': ..., 'optimizer': ...}; take the weights,
+    EMA first as timm's loader does."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict) and state_dict[key]:
             return state_dict[key]
     return state_dict
 
@@ -433,6 +433,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
+def _default_out_indices(cls, kwargs) -> Tuple[int, ...]:
+    """features_only taps: every ViG-H stage, or the last (up to) four plain ViG blocks."""
+    if cls is ViGH:
+        return tuple(range(len(kwargs['depths'])))
+    return tuple(range(-min(4, kwargs['depth']), 0))
+
+
 def _create(cls, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if pretrained:
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
@@ -445,7 +452,7 @@ def _create(cls, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     return build_model_with_cfg(
         cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3) if cls is ViGH else (-4, -3, -2, -1)),
+        feature_cfg=dict(feature_cls='getter', out_indices=_default_out_indices(cls, kwargs)),
         **kwargs,
     )
 
