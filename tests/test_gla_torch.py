@@ -155,6 +155,15 @@ def test_zero_head_dim_is_rejected():
         bidirectional_gla(q[..., :0], k[..., :0], v, g_f[..., :0], g_b[..., :0])
 
 
+def test_triton_support_covers_head_dims_and_every_dtype_the_kernel_checks():
+    from visionlin.kernels.gla import _triton_supports
+    q, k, v, g_f, g_b = make_inputs(K=32, V=64)
+    assert _triton_supports(q, v, g_f, g_b)
+    assert not _triton_supports(q[..., :24], v, g_f, g_b)
+    assert not _triton_supports(q, v, g_f.double(), g_b)
+    assert not _triton_supports(q.double(), v.double(), g_f, g_b)
+
+
 def test_auto_falls_back_to_torch_where_triton_does_not_support_the_call():
     from visionlin.kernels._dispatch import resolve_backend, triton_available
     cuda = torch.device("cuda")

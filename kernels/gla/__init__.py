@@ -22,10 +22,14 @@ _OP = "bidirectional_gla"
 _HAS_TRITON_IMPL = importlib.util.find_spec(__name__ + ".chunk_triton") is not None
 
 
-def _triton_supports(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Shapes and dtypes the fused kernel takes (it raises a clear error for the others)."""
-    dims = (16, 32, 64, 128)
-    return q.shape[-1] in dims and v.shape[-1] in dims and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+# what the fused kernel takes (chunk_triton raises a clear error for anything else)
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_supports(q, v, g_fwd, g_bwd) -> bool:
+    return (q.shape[-1] in TRITON_HEAD_DIMS and v.shape[-1] in TRITON_HEAD_DIMS
+            and all(t.dtype in TRITON_DTYPES for t in (q, g_fwd, g_bwd)))
 
 
 def _validate(q, k, v, g_fwd, g_bwd) -> None:
@@ -64,7 +68,7 @@ def bidirectional_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0:  # an empty batch or no heads
         return v.new_zeros(v.shape)
-    path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL, _triton_supports(q, v))
+    path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL, _triton_supports(q, v, g_fwd, g_bwd))
     if path == "triton":
         from .chunk_triton import triton_bidirectional_gla
         return triton_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale)

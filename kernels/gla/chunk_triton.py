@@ -35,7 +35,7 @@ gradient is the GLA identity dg_s = sum_{t >= s} (q_t dq_t - k_t dk_t) for the f
 at the boundary, so no pass over the whole sequence is needed.
 
 Inputs are (B, N, H, D) with arbitrary strides (strides are passed, nothing is copied); any N;
-K, V in ``SUPPORTED_HEAD_DIMS``; q/k/v in float32/float16/bfloat16 and gates in any of those (each
+K, V in ``TRITON_HEAD_DIMS``; q/k/v in float32/float16/bfloat16 and gates in any of those (each
 tensor is upcast to fp32 right after its load). Accumulation is fp32; products of fp32 tiles use TF32
 tensor cores for 16-bit inputs and 3xTF32 (about fp32 accuracy) for float32 inputs.
 
@@ -51,13 +51,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import TRITON_DTYPES, TRITON_HEAD_DIMS
 from .chunk import GATE_FLOOR
 
 CHUNK = 64
 SUB = 16
 STATE_GROUP = 16
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # State streams, each holding the state *leaving* every chunk in its own direction:
 # 0 forward scan (left to right), 1 backward scan (right to left), 2 and 3 their gradient states,
 # passed against their scan (right to left, left to right).
@@ -427,12 +426,12 @@ _INTERPRETED = not isinstance(_pass_states_kernel, triton.runtime.JITFunction)
 def _check_supported(q: torch.Tensor, v: torch.Tensor, g_fwd: torch.Tensor, g_bwd: torch.Tensor) -> None:
     K, V = q.shape[-1], v.shape[-1]
     for name, dim in (("K", K), ("V", V)):
-        if dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"backend='triton' supports head dims K, V in {SUPPORTED_HEAD_DIMS}; "
+        if dim not in TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head dims K, V in {TRITON_HEAD_DIMS}; "
                              f"got {name}={dim} (use backend='torch' for other sizes)")
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
     for name, t in (("q", q), ("g_fwd", g_fwd), ("g_bwd", g_bwd)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in TRITON_DTYPES:
             raise ValueError(f"backend='triton' supports {name} dtypes {tuple(names.values())}; "
                              f"got {t.dtype} (use backend='torch')")
 
