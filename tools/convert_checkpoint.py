@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 import visionlin  # noqa: F401  (registers the models)
 
-WEIGHT_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict")
+WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order
 
 
 def read_checkpoint(path: str, trust_pickle: bool) -> Dict:
