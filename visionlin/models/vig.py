@@ -20,12 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, RmsNorm, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers import BidirectionalGLA2d, add_pos_embed, check_image, swiglu_hidden_dim, swiglu_mlp
+from ._helpers import check_global_pool, create_model, rename_key, unwrap_state_dict
 
 __all__ = ["ViG", "ViGH"]
 
@@ -55,12 +55,6 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _check_global_pool(global_pool: str) -> str:
-    if global_pool not in ('avg', ''):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    return global_pool
-
-
 class _ClassifierHead:
     """timm's classifier interface shared by both families: average pool over ``_pool_dims`` -> Linear."""
     _pool_dims: Tuple[int, ...]
@@ -72,7 +66,7 @@ class _ClassifierHead:
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = _check_global_pool(global_pool)
+            self.global_pool = check_global_pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -111,7 +105,7 @@ class ViG(_ClassifierHead, nn.Module):
             raise ValueError(f"img_size {img_size} must be divisible by the patch stride {patch_size}")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = _check_global_pool(global_pool)
+        self.global_pool = check_global_pool(global_pool)
         self.patch_size = patch_size
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0
@@ -261,7 +255,7 @@ class ViGH(_ClassifierHead, nn.Module):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = _check_global_pool(global_pool)
+        self.global_pool = check_global_pool(global_pool)
         self.output_fmt = 'NHWC'
         dims = [embed_dim * 2 ** i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
@@ -360,15 +354,6 @@ class ViGH(_ClassifierHead, nn.Module):
 
 # --- official checkpoints -------------------------------------------------------------------------
 
-def _unwrap(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Official files hold {'model': ..., 'model_ema': ..., 'optimizer': ...}; take the weights,
-    EMA first as timm's loader does."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict) and state_dict[key]:
-            return state_dict[key]
-    return state_dict
-
-
 _VIG_RENAMES = [
     (r'^blocks\.(\d+)\.attn_norm\.', r'blocks.\1.norm1.'),
     (r'^blocks\.(\d+)\.mlp_norm\.', r'blocks.\1.norm2.'),
@@ -390,14 +375,6 @@ _VIGH_RENAMES = [
 ]
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        new_key, n = re.subn(pattern, repl, key)
-        if n:
-            return new_key
-    return key
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Official ViG / ViG-H checkpoint (or one of ours) -> this model's state dict.
 
@@ -406,7 +383,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     official layout, start of stage s + 1 here), and resamples a plain ViG position embedding
     trained at another resolution to this model's grid.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     hierarchical = isinstance(model, ViGH)
     out = {}
     for k, v in state_dict.items():
@@ -416,12 +393,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
                 stage, idx, rest = int(m.group(1)), int(m.group(2)), m.group(3)
                 k = f'stages.{stage + 1}.downsample.{ {1: 0, 3: 1}.get(idx, idx) }.{rest}'
             else:
-                k = _rename(k, _VIGH_RENAMES)
+                k = rename_key(k, _VIGH_RENAMES)
             if k.endswith(('qkv_proj.weight', 'g_proj.weight', 'gk_proj.0.weight', 'gk_proj.1.weight',
                            'mlp.fc1.weight', 'mlp.fc2.weight')) and v.ndim == 4:
                 v = v.flatten(1)
         else:
-            k = _rename(k, _VIG_RENAMES)
+            k = rename_key(k, _VIG_RENAMES)
             if k == 'pos_embed' and v.shape != model.pos_embed.shape:
                 old = v.shape[1]
                 side = int(round(old ** 0.5))
@@ -441,20 +418,8 @@ def _default_out_indices(cls, kwargs) -> Tuple[int, ...]:
 
 
 def _create(cls, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
-            raise ValueError(
-                f"{variant}: the official weights are not hosted in timm format; download them from "
-                "https://huggingface.co/hustvl/ViG and pass "
-                "pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')")
-    return build_model_with_cfg(
-        cls, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=_default_out_indices(cls, kwargs)),
-        **kwargs,
-    )
+    return create_model(cls, variant, pretrained, checkpoint_filter_fn, _default_out_indices(cls, kwargs),
+                        'https://huggingface.co/hustvl/ViG', **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:

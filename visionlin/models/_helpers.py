@@ -1,0 +1,55 @@
+"""Pieces every family file shares: the classifier-pool check, official-checkpoint unwrapping, renames
+and model creation through timm's builder (pretrained weights from local files only)."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
+from torch import nn
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+def unwrap_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official files hold {'model': ..., 'model_ema': ..., 'optimizer': ...}; take the weights,
+    EMA first as timm's loader does."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict) and state_dict[key]:
+            return state_dict[key]
+    return state_dict
+
+
+def rename_key(key: str, rules: Sequence[Tuple[str, str]]) -> str:
+    """Apply the first regex rule that matches ``key``."""
+    for pattern, repl in rules:
+        new_key, n = re.subn(pattern, repl, key)
+        if n:
+            return new_key
+    return key
+
+
+def create_model(cls, variant: str, pretrained: bool, filter_fn: Callable, out_indices: Tuple[int, ...],
+                 weights_hint: str, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` with the family's checkpoint filter and ``features_only`` through
+    ``forward_intermediates``. Official weights are not hosted in timm format: ``pretrained=True``
+    needs a local file, and without one the error says where the weights are."""
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise ValueError(
+                f"{variant}: the official weights are not hosted in timm format; download them from "
+                f"{weights_hint} and pass pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')")
+    return build_model_with_cfg(
+        cls, variant, pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **kwargs,
+    )
