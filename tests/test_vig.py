@@ -1,4 +1,5 @@
-"""ViG / ViG-H on timm: official layout (parameter counts, converted checkpoints) and timm conventions."""
+"""ViG / ViG-H specifics: dynamic image size, position embeddings, official checkpoints and the converter
+(timm conventions for every model: test_timm_conventions.py)."""
 import importlib.util
 import os
 import subprocess
@@ -12,146 +13,7 @@ import torch
 import visionlin  # noqa: F401  (registers the models)
 from visionlin.models.vig import checkpoint_filter_fn
 
-PLAIN = ["vig_t", "vig_s", "vig_b"]
-HIER = ["vig_h_t", "vig_h_s", "vig_h_b"]
-ALL = PLAIN + HIER
-OFFICIAL_PARAMS = {"vig_t": 5.83, "vig_s": 22.62, "vig_b": 89.02,
-                   "vig_h_t": 28.60, "vig_h_s": 50.05, "vig_h_b": 88.90}
-SMALL = 64  # test resolution: divisible by 32, keeps the full-size models quick on CPU
-
-_models = {}
-
-
-def get_model(name, **kwargs):
-    """Full-size models are cached (building vig_b twice costs seconds); callers must not mutate them."""
-    key = (name, tuple(sorted(kwargs.items())))
-    if key not in _models:
-        _models[key] = timm.create_model(name, **kwargs).eval()
-    return _models[key]
-
-
-TINY_ARGS = {"plain": dict(embed_dim=64, depth=3, num_heads=2),
-             "hier": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))}
-
-
-def tiny_args(name):
-    return TINY_ARGS["plain" if name in PLAIN else "hier"]
-
-
-def tiny(name, **kwargs):
-    """A small instance of a variant (its flags kept, its size shrunk) for tests that mutate or train it."""
-    return timm.create_model(name, **tiny_args(name), **kwargs)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_parameter_count_matches_official(name):
-    n = sum(p.numel() for p in get_model(name).parameters())
-    assert round(n / 1e6, 2) == OFFICIAL_PARAMS[name]
-
-
-def test_models_are_registered_with_timm_under_the_family_module():
-    assert set(ALL) <= set(timm.list_models("vig*"))
-    assert set(ALL) <= set(timm.list_models(module="vig"))
-    assert timm.get_pretrained_cfg("vig_s").license == "mit"
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_forward_is_finite_and_grad_checkpointing_keeps_output(name):
-    model = get_model(name)
-    x = torch.randn(2, 3, SMALL, SMALL)
-    with torch.no_grad():
-        out = model(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
-        model.set_grad_checkpointing(True)
-        try:
-            torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
-        finally:
-            model.set_grad_checkpointing(False)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_backward_reaches_every_parameter_with_new_class_count(name):
-    model = tiny(name, num_classes=42)
-    out = model(torch.randn(2, 3, SMALL, SMALL))
-    assert out.shape == (2, 42)
-    out.mean().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing, missing
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_default_cfg_and_unpooled_outputs(name):
-    model = get_model(name)
-    cfg = model.pretrained_cfg
-    assert cfg["num_classes"] == 1000 and model.num_features > 0 and model.head_hidden_size > 0
-    assert cfg["mean"] and cfg["std"] and cfg["interpolation"] == "bicubic" and cfg["license"] == "mit"
-    state = model.state_dict()
-    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
-    x = torch.randn(1, 3, *cfg["input_size"][1:])
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        if name in HIER:
-            assert feats.shape[1:3] == cfg["pool_size"]  # NHWC
-            assert feats.shape[-1] == model.num_features
-        else:
-            assert feats.shape == (1, 196, model.num_features)  # NLC
-        assert model.forward_head(feats, pre_logits=True).shape == (1, model.num_features)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_reset_classifier_and_num_classes_zero(name):
-    x = torch.randn(1, 3, SMALL, SMALL)
-    model = tiny(name).eval()
-    with torch.no_grad():
-        feats = model.forward_features(x)
-        model.reset_classifier(0)
-        assert model(x).shape == (1, model.num_features)
-        model.reset_classifier(0, "")
-        assert model(x).shape == feats.shape
-        model.reset_classifier(7, "avg")
-        assert model(x).shape == (1, 7)
-        created = tiny(name, num_classes=0, global_pool="")
-        assert created.eval()(x).shape == created.forward_features(x).shape
-    with pytest.raises(ValueError, match="global_pool"):
-        model.reset_classifier(0, "max")
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_in_chans_and_num_classes_when_creating(name):
-    model = tiny(name, in_chans=1, num_classes=5).eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, 1, SMALL, SMALL)).shape == (1, 5)
-    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
-        model(torch.randn(1, 3, SMALL, SMALL))
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_features_only_channels_and_strides_match_feature_info(name):
-    model = timm.create_model(name, features_only=True).eval()
-    assert len(model.feature_info.channels()) >= 3
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, SMALL * 2, SMALL * 2))
-    assert len(outs) == 4
-    for out, ch, red in zip(outs, model.feature_info.channels(), model.feature_info.reduction()):
-        assert out.shape[1] == ch
-        assert out.shape[2] == SMALL * 2 // red and out.shape[3] == SMALL * 2 // red
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_forward_intermediates_final_equals_forward_features(name):
-    model = tiny(name).eval()
-    x = torch.randn(1, 3, SMALL, SMALL)
-    with torch.no_grad():
-        final, inter = model.forward_intermediates(x)
-        torch.testing.assert_close(final, model.forward_features(x))
-        n_levels = 3 if name in PLAIN else 4
-        assert len(inter) == n_levels
-        only = model.forward_intermediates(x, indices=2, intermediates_only=True)
-        assert len(only) == 2
-        torch.testing.assert_close(only[-1], inter[-1])
-        pruned = model.prune_intermediate_layers(indices=1)
-        assert pruned == [n_levels - 1]
-        assert model(x).shape == model.forward_features(x).shape  # head pruned: unpooled
+from zoo import SMALL, get_model, tiny, tiny_args
 
 
 def test_plain_vig_runs_at_any_size_divisible_by_16_and_rejects_others():
@@ -173,28 +35,6 @@ def test_position_embedding_is_resampled_not_ignored():
         before = model(x)
         model.pos_embed.add_(torch.randn_like(model.pos_embed))
         assert not torch.allclose(model(x), before)
-
-
-def test_no_weight_decay_and_group_matcher_name_real_parameters():
-    model = tiny("vig_t")
-    names = dict(model.named_parameters())
-    assert model.no_weight_decay() <= set(names)
-    from timm.models import group_parameters
-    groups = group_parameters(model, model.group_matcher())
-    assert sum(len(v) for v in groups.values()) == len(names)
-    hier = tiny("vig_h_t")
-    groups = group_parameters(hier, hier.group_matcher())
-    assert sum(len(v) for v in groups.values()) == len(dict(hier.named_parameters()))
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_fx_traced_model_matches_eager(name):
-    from timm.models import create_feature_extractor
-    model = tiny(name).eval()
-    x = torch.randn(1, 3, SMALL, SMALL)
-    extractor = create_feature_extractor(model, return_nodes={"head": "out"})
-    with torch.no_grad():
-        torch.testing.assert_close(extractor(x)["out"], model(x))
 
 
 # --- official checkpoints ------------------------------------------------------------------------
@@ -307,16 +147,6 @@ def test_mismatched_checkpoint_fails_naming_the_keys(tmp_path):
 def test_pretrained_without_a_weight_file_says_where_to_get_one():
     with pytest.raises(ValueError, match="huggingface.co/hustvl/ViG.*pretrained_cfg_overlay"):
         timm.create_model("vig_t", pretrained=True)
-
-
-def test_save_for_hf_round_trips_through_local_dir(tmp_path):
-    from timm.models import save_for_hf
-    model = tiny("vig_t", num_classes=10).eval()
-    save_for_hf(model, str(tmp_path), model_config=tiny_args("vig_t"))
-    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
-    x = torch.randn(1, 3, SMALL, SMALL)
-    with torch.no_grad():
-        torch.testing.assert_close(again(x), model(x))
 
 
 class TrainingConfig:

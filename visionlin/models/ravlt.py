@@ -185,7 +185,7 @@ class RAVLT(nn.Module):
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^head\.(proj|norm)', (99999,)),
+                (r'^head\.(?:proj|norm)', (99999,)),
             ])
 
     @torch.jit.ignore

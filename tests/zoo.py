@@ -1,0 +1,40 @@
+"""The registered models under test: official parameter counts, shrunken configs, feature layouts."""
+import timm
+
+# name -> (official params in millions, feature layout of forward_features, tiny config family)
+MODELS = {
+    "vig_t": (5.83, "NLC", "vig"), "vig_s": (22.62, "NLC", "vig"), "vig_b": (89.02, "NLC", "vig"),
+    "vig_h_t": (28.60, "NHWC", "vig_h"), "vig_h_s": (50.05, "NHWC", "vig_h"), "vig_h_b": (88.90, "NHWC", "vig_h"),
+    "ravlt_t": (14.90, "NCHW", "ravlt"), "ravlt_s": (25.59, "NCHW", "ravlt"), "ravlt_b": (48.24, "NCHW", "ravlt"),
+    "ravlt_l": (95.24, "NCHW", "ravlt"), "ravlt_s_linear": (25.59, "NCHW", "ravlt"),
+}
+ALL = list(MODELS)
+TINY_ARGS = {
+    "vig": dict(embed_dim=64, depth=3, num_heads=2),
+    "vig_h": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
+    "ravlt": dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), head_hidden_size=48),
+}
+SMALL = 64  # test resolution: divisible by 32, keeps the full-size models quick on CPU
+
+_models = {}
+
+
+def layout(name):
+    return MODELS[name][1]
+
+
+def tiny_args(name):
+    return TINY_ARGS[MODELS[name][2]]
+
+
+def get_model(name, **kwargs):
+    """Full-size models are cached (building the large ones costs seconds); callers must not mutate them."""
+    key = (name, tuple(sorted(kwargs.items())))
+    if key not in _models:
+        _models[key] = timm.create_model(name, **kwargs).eval()
+    return _models[key]
+
+
+def tiny(name, **kwargs):
+    """A small instance of a variant (its flags kept, its size shrunk) for tests that mutate or train it."""
+    return timm.create_model(name, **tiny_args(name), **kwargs)
