@@ -2,6 +2,6 @@
 fused Triton path. Shipped as ``visionlin.kernels`` (the folder is ``kernels/`` in the source tree)."""
 from ._dispatch import BACKENDS, last_backend, triton_available, use_backend
 from .gla import bidirectional_gla
-from .linear_attention import linear_attention
+from .linear_attn import linear_attention
 
 __all__ = ["bidirectional_gla", "linear_attention", "use_backend", "last_backend", "triton_available", "BACKENDS"]

@@ -21,3 +21,14 @@ def test_attention_is_counted_quadratically_and_gla_linearly():
     vig = count_flops.build("vig_t", 224)
     small, large = (count_flops.count_macs(vig, r)["mixer"] for r in (224, 448))
     assert large == pytest.approx(4 * small)
+
+
+def test_ravlt_counts_rala_linearly_and_its_softmax_stages_quadratically():
+    macs = count_flops.count_macs(count_flops.build("ravlt_t", 224), 224)
+    assert round(macs["total"], 2) == 2.61
+    linear = count_flops.build("ravlt_s_linear", 224)
+    small, large = (count_flops.count_macs(linear, r)["mixer"] for r in (224, 448))
+    assert large == pytest.approx(4 * small)
+    official = count_flops.build("ravlt_s", 224)
+    small, large = (count_flops.count_macs(official, r)["mixer"] for r in (224, 448))
+    assert large > 8 * small         # stages 3-4 (softmax) dominate and grow with N^2

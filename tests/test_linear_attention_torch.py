@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from visionlin.kernels import last_backend, linear_attention
-from visionlin.kernels.linear_attention import naive_linear_attention
+from visionlin.kernels.linear_attn import naive_linear_attention
 
 
 def features(*shape, dtype=torch.float64, scale=1.0):

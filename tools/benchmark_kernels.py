@@ -1,26 +1,43 @@
-"""Time bidirectional GLA on ViG shapes: forward and forward+backward, and effective HBM bandwidth.
+"""Time bidirectional GLA on ViG shapes (or linear attention on RALA and LinFusion shapes): forward and
+forward+backward, and effective HBM bandwidth.
+
+Operators (``--op``):
+  bidirectional_gla  (default) ViG's mixer core;
+  linear_attention   non-causal normalised linear attention, on RALA and LinFusion shapes.
 
 Implementations (``--impls``):
   torch   the vectorised PyTorch path (``backend='torch'``), the CPU path;
   triton  the fused Triton kernels (``backend='triton'``); on CPU only under Triton's interpreter,
           which this script switches on when asked for it there (tiny sizes: ~10 ms per chunk);
   fla     flash-linear-attention's ``chunk_gla`` applied ViG's way: [x, flip(x)] concatenated on the
-          batch axis, one causal pass, outputs un-flipped and averaged (when ``fla`` imports).
+          batch axis, one causal pass, outputs un-flipped and averaged (when ``fla`` imports);
+          bidirectional_gla only.
 
-Shapes: ViG-T/S/B heads (H = 3/6/12) with K = 32, V = 64; N tokens in ``--tokens``; batch 1 and
-``auto`` = max(1, round(128 * 196 / N)) (a 128-image batch at 224^2, same token count at other N).
+Shapes (``--models``), N tokens in ``--tokens``, batches in ``--batches`` (integers and ``auto`` =
+max(1, round(128 * 196 / N)), a 128-image batch at 224^2, same token count at other N):
+  bidirectional_gla: ViG-T/S/B heads (H = 3/6/12) with K = 32, V = 64; N = 196 .. 16384, batch 1
+      and auto;
+  linear_attention: RALA stages (H = 1/2/5/8, K = V = 64, with RoPE'd numerator features q_num,
+      k_num and key weights) and LinFusion's SD-1.5 (H = 8, K = V = 40/80/160) and SDXL (H = 10,
+      K = V = 64) attention layers (plain q, k, v); N = 4096 .. 65536 (queries = keys), batch 1
+      and 2 (LinFusion's classifier-free guidance pair).
 
 Bandwidth: the fused minimum traffic divided by the measured time ("effective", not a DRAM counter).
-Forward: s * B * N * H * (4K + 2V) bytes (q, k, both gates and v read once, o written once; s bytes
-per element); forward+backward: s * B * N * H * (12K + 5V) (the forward, then q, k, v, both gates
-and do read, dq, dk, dv and both dg written). The roofline time is that traffic at ``--hbm-tbps``
+With I the input elements per token and head (bidirectional_gla: q, k, both gates and v, I = 4K + V;
+linear_attention: q, k and v, I = 2K + V, plus q_num, k_num and the key weight, 2K + 1, on RALA
+shapes) and s bytes per element: forward s * B * N * H * (I + V) bytes (inputs read once, o written
+once); forward+backward s * B * N * H * (3I + 2V) (the forward, then the inputs and do read and
+every input's gradient written); bidirectional_gla: 4K + 2V and 12K + 5V. The roofline time is that
+traffic at ``--hbm-tbps``
 (3.35 TB/s, an H100 SXM, by default) or at a device-to-device copy's measured bandwidth
 (``--measure-hbm``).
 
-Prints a markdown table and writes ``kernels.csv`` and ``kernels.png`` (time vs N, log-log, one line
-per implementation and pass, one panel per model and batch rule) atomically into ``--out``.
+Prints a markdown table and writes ``kernels.csv`` and ``kernels.png`` (``linear_attention.csv`` and
+``.png`` for that op; time vs N, log-log, one line per implementation and pass, one panel per shape
+and batch rule) atomically into ``--out``.
 
   python tools/benchmark_kernels.py --out benchmark_results/kernels            # CUDA, all shapes
+  python tools/benchmark_kernels.py --op linear_attention --out benchmark_results/kernels
   python tools/benchmark_kernels.py --device cpu --impls torch --tokens 196 784 --out /tmp/k
 """
 from __future__ import annotations
@@ -38,6 +55,12 @@ from pathlib import Path
 MODELS = {"T": 3, "S": 6, "B": 12}     # ViG variant -> heads; every variant has K = 32, V = 64
 HEAD_K, HEAD_V = 32, 64
 DEFAULT_TOKENS = (196, 784, 4096, 16384)
+# linear_attention shapes: name -> (H, K = V, numerator features and key weights as in RALA)
+LA_SHAPES = {"RALA-1": (1, 64, True), "RALA-2": (2, 64, True), "RALA-5": (5, 64, True), "RALA-8": (8, 64, True),
+             "LinFusion-40": (8, 40, False), "LinFusion-80": (8, 80, False), "LinFusion-160": (8, 160, False),
+             "LinFusion-XL": (10, 64, False)}
+LA_TOKENS = (4096, 16384, 65536)
+OPS = ("bidirectional_gla", "linear_attention")
 IMPLS = ("torch", "triton", "fla")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 FIELDS = ("model", "H", "K", "V", "batch_rule", "B", "N", "dtype", "impl", "pass", "status", "ms",
@@ -47,13 +70,19 @@ FIELDS = ("model", "H", "K", "V", "batch_rule", "B", "N", "dtype", "impl", "pass
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--op", choices=OPS, default="bidirectional_gla")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="default: torch, triton and fla (if importable) on CUDA; torch on CPU")
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    p.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
-    p.add_argument("--batches", nargs="+", default=["1", "auto"],
-                   help="batch sizes: integers and/or 'auto' = max(1, round(128*196/N))")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS) + tuple(LA_SHAPES), default=None,
+                   help="shapes: ViG T/S/B (default: all) for bidirectional_gla; RALA-* and LinFusion-* "
+                        "(default: all) for linear_attention")
+    p.add_argument("--tokens", nargs="+", type=int, default=None,
+                   help=f"default: {' '.join(map(str, DEFAULT_TOKENS))} (bidirectional_gla), "
+                        f"{' '.join(map(str, LA_TOKENS))} (linear_attention)")
+    p.add_argument("--batches", nargs="+", default=None,
+                   help="batch sizes: integers and/or 'auto' = max(1, round(128*196/N)); default: 1 and auto "
+                        "(bidirectional_gla), 1 and 2 (linear_attention)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--passes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
     p.add_argument("--warmup", type=int, default=3, help="CPU: untimed calls (CUDA: do_bench's 25 ms)")
@@ -63,6 +92,15 @@ def parse_args(argv=None):
                    help="use a device-to-device copy's measured bandwidth for the roofline instead")
     p.add_argument("--out", type=Path, default=Path("benchmark_results/kernels"))
     args = p.parse_args(argv)
+    gla = args.op == "bidirectional_gla"
+    shapes = MODELS if gla else LA_SHAPES
+    args.models = args.models or list(shapes)
+    args.tokens = args.tokens or list(DEFAULT_TOKENS if gla else LA_TOKENS)
+    args.batches = args.batches or (["1", "auto"] if gla else ["1", "2"])
+    if any(m not in shapes for m in args.models):
+        p.error(f"--op {args.op} takes --models from {tuple(shapes)}, got {args.models}")
+    if not gla and args.impls and "fla" in args.impls:
+        p.error("--impls fla: fla has no non-causal normalised linear attention; use torch and triton")
     for b in args.batches:
         if b != "auto" and not (b.isdigit() and int(b) > 0):
             p.error(f"--batches takes positive integers or 'auto', got {b!r}")
@@ -75,8 +113,20 @@ def batch_size(rule: str, n_tokens: int) -> int:
     return max(1, round(128 * 196 / n_tokens)) if rule == "auto" else int(rule)
 
 
-def traffic_bytes(pass_: str, elem: int, B: int, N: int, H: int) -> int:
-    per_token_head = 4 * HEAD_K + 2 * HEAD_V if pass_ == "fwd" else 12 * HEAD_K + 5 * HEAD_V
+def shape_of(op: str, model: str):
+    """(H, K, V, extras): heads, head dims and whether linear_attention gets q_num, k_num, key_weight."""
+    if op == "bidirectional_gla":
+        return MODELS[model], HEAD_K, HEAD_V, False
+    H, D, extras = LA_SHAPES[model]
+    return H, D, D, extras
+
+
+def traffic_bytes(op: str, pass_: str, elem: int, B: int, N: int, H: int, K: int, V: int, extras: bool) -> int:
+    if op == "bidirectional_gla":
+        inputs = 4 * K + V
+    else:
+        inputs = 2 * K + V + (2 * K + 1 if extras else 0)
+    per_token_head = inputs + V if pass_ == "fwd" else 3 * inputs + 2 * V
     return elem * B * N * H * per_token_head
 
 
@@ -88,11 +138,13 @@ def fla_chunk_gla():
     return chunk_gla
 
 
-def make_impl(name: str):
+def make_impl(op: str, name: str):
     import torch
 
-    from visionlin.kernels import bidirectional_gla
+    from visionlin.kernels import bidirectional_gla, linear_attention
 
+    if op == "linear_attention":
+        return lambda *inputs: linear_attention(*inputs, backend=name)
     if name in ("torch", "triton"):
         return lambda q, k, v, g_f, g_b: bidirectional_gla(q, k, v, g_f, g_b, backend=name)
     chunk_gla = fla_chunk_gla()
@@ -108,14 +160,25 @@ def make_impl(name: str):
     return vig_way
 
 
-def make_inputs(B, N, H, dtype, device, requires_grad):
+def make_inputs(op, B, N, H, K, V, extras, dtype, device, requires_grad):
+    """The op's positional arguments (None for an absent optional one)."""
     import torch
     import torch.nn.functional as F
 
-    q, k = (torch.randn(B, N, H, HEAD_K, device=device, dtype=dtype) for _ in range(2))
-    v = torch.randn(B, N, H, HEAD_V, device=device, dtype=dtype)
-    g_f, g_b = (F.logsigmoid(torch.randn(B, N, H, HEAD_K, device=device)).div(16).to(dtype) for _ in range(2))
-    return [t.requires_grad_(requires_grad) for t in (q, k, v, g_f, g_b)]
+    if op == "linear_attention":
+        q, k = (F.elu(torch.randn(B, N, H, K, device=device)).add(1).to(dtype) for _ in range(2))
+        v = torch.randn(B, N, H, V, device=device, dtype=dtype)
+        q_num = k_num = key_weight = None
+        if extras:
+            q_num, k_num = (torch.randn(B, N, H, K, device=device, dtype=dtype) for _ in range(2))
+            key_weight = torch.rand(B, N, H, device=device).add(0.5).to(dtype)
+        inputs = [q, k, v, q_num, k_num, key_weight]
+    else:
+        q, k = (torch.randn(B, N, H, K, device=device, dtype=dtype) for _ in range(2))
+        v = torch.randn(B, N, H, V, device=device, dtype=dtype)
+        g_f, g_b = (F.logsigmoid(torch.randn(B, N, H, K, device=device)).div(16).to(dtype) for _ in range(2))
+        inputs = [q, k, v, g_f, g_b]
+    return [None if t is None else t.requires_grad_(requires_grad) for t in inputs]
 
 
 def time_ms(fn, device: str, warmup: int, iters: int) -> float:
@@ -143,34 +206,35 @@ def measured_hbm_tbps(device: str) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
-def bench_point(impl_fn, pass_, B, N, H, dtype, device, args):
+def bench_point(op, impl_fn, pass_, B, N, H, K, V, extras, dtype, device, args):
     import torch
 
-    inputs = make_inputs(B, N, H, dtype, device, requires_grad=(pass_ == "fwd+bwd"))
+    inputs = make_inputs(op, B, N, H, K, V, extras, dtype, device, requires_grad=(pass_ == "fwd+bwd"))
     if pass_ == "fwd":
         def fn():
             with torch.no_grad():
                 impl_fn(*inputs)
     else:
-        grad_out = torch.randn(B, N, H, HEAD_V, device=device, dtype=dtype)
+        grad_out = torch.randn(B, N, H, V, device=device, dtype=dtype)
+        leaves = [t for t in inputs if t is not None]
 
         def fn():
-            torch.autograd.grad(impl_fn(*inputs), inputs, grad_out)
+            torch.autograd.grad(impl_fn(*inputs), leaves, grad_out)
     return time_ms(fn, device, args.warmup, args.iters)
 
 
-def measure(model, rule, N, impl, pass_, dtype, device, tbps, args) -> dict:
+def measure(op, model, rule, N, impl, pass_, dtype, device, tbps, args) -> dict:
     """One CSV row: time, effective bandwidth and the roofline for one shape, implementation and pass."""
     import torch
 
-    H, B = MODELS[model], batch_size(rule, N)
-    nbytes = traffic_bytes(pass_, torch.empty((), dtype=dtype).element_size(), B, N, H)
+    (H, K, V, extras), B = shape_of(op, model), batch_size(rule, N)
+    nbytes = traffic_bytes(op, pass_, torch.empty((), dtype=dtype).element_size(), B, N, H, K, V, extras)
     roofline_ms = nbytes / (tbps * 1e12) * 1e3
-    row = {"model": model, "H": H, "K": HEAD_K, "V": HEAD_V, "batch_rule": rule, "B": B, "N": N,
+    row = {"model": model, "H": H, "K": K, "V": V, "batch_rule": rule, "B": B, "N": N,
            "dtype": str(dtype).removeprefix("torch."), "impl": impl, "pass": pass_, "status": "oom", "ms": "",
            "GB/s": "", "roofline_ms": f"{roofline_ms:.4f}", "pct_of_roofline": ""}
     try:
-        ms = bench_point(make_impl(impl), pass_, B, N, H, dtype, device, args)
+        ms = bench_point(op, make_impl(op, impl), pass_, B, N, H, K, V, extras, dtype, device, args)
     except torch.cuda.OutOfMemoryError:
         return row
     finally:
@@ -211,6 +275,10 @@ def write_csv(rows, path: Path) -> None:
     _atomic_write(path, write)
 
 
+def panel_name(model: str) -> str:
+    return f"ViG-{model}" if model in MODELS else model
+
+
 def write_plot(rows, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -232,7 +300,7 @@ def write_plot(rows, path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("tokens N")
         ax.set_ylabel("ms")
-        ax.set_title(f"ViG-{model}, batch {rule}")
+        ax.set_title(f"{panel_name(model)}, batch {rule}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -253,7 +321,7 @@ def main(argv=None) -> int:
     if args.impls:
         impls = args.impls
     elif device == "cuda":
-        impls = ["torch", "triton"] + (["fla"] if fla_chunk_gla() else [])
+        impls = ["torch", "triton"] + (["fla"] if args.op == "bidirectional_gla" and fla_chunk_gla() else [])
     else:
         impls = ["torch"]
     if "fla" in impls and fla_chunk_gla() is None:
@@ -275,19 +343,24 @@ def main(argv=None) -> int:
             for N in args.tokens:
                 for impl in impls:
                     for pass_ in args.passes:
-                        row = measure(model, rule, N, impl, pass_, dtype, device, tbps, args)
+                        row = measure(args.op, model, rule, N, impl, pass_, dtype, device, tbps, args)
                         rows.append(row)
-                        print(f"ViG-{model} B={row['B']} N={N} {impl} {pass_}: {row['status']} {row['ms']} ms",
-                              file=sys.stderr, flush=True)
+                        print(f"{panel_name(model)} B={row['B']} N={N} {impl} {pass_}: {row['status']} "
+                              f"{row['ms']} ms", file=sys.stderr, flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    title = (f"bidirectional GLA, {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), "
-             f"{dtype_name}, K={HEAD_K} V={HEAD_V}; roofline at {tbps:.2f} TB/s")
-    write_csv(rows, args.out / "kernels.csv")
-    write_plot(rows, args.out / "kernels.png", title)
+    gla = args.op == "bidirectional_gla"
+    where = f"{device} ({torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}), {dtype_name}"
+    if gla:
+        title = f"bidirectional GLA, {where}, K={HEAD_K} V={HEAD_V}; roofline at {tbps:.2f} TB/s"
+    else:
+        title = f"linear attention (queries = keys), {where}; roofline at {tbps:.2f} TB/s"
+    stem = "kernels" if gla else "linear_attention"
+    write_csv(rows, args.out / f"{stem}.csv")
+    write_plot(rows, args.out / f"{stem}.png", title)
     print(f"## {title}\n")
     print(markdown_table(rows))
-    print(f"\nwrote {args.out / 'kernels.csv'} and {args.out / 'kernels.png'}")
+    print(f"\nwrote {args.out / f'{stem}.csv'} and {args.out / f'{stem}.png'}")
     return 0
 
 

@@ -6,7 +6,10 @@ because what an implementation executes (chunk padding, float64 sub-blocks, fuse
 the model's cost:
   * softmax attention (timm ``Attention``): Q K^T and A V, 2 * N^2 * D per layer;
   * bidirectional GLA (visionlin ``BidirectionalGLA2d``): the recurrent form, per direction a
-    state update k^T v and a read-out q h, so 2 directions * 2 * N * H * K * V per layer.
+    state update k^T v and a read-out q h, so 2 directions * 2 * N * H * K * V per layer;
+  * RAVLT's mixers (visionlin ``RankAugmentedAttention``): RALA per head k^T v and q S (2 N d^2) plus
+    the key mean, the denominators and the alpha logits (3 N d), so N * C * (2 d + 3) per layer;
+    the softmax sibling Q K^T and A V, 2 * N^2 * C per layer.
 Elementwise work (norms, activations, gates) is not counted, as in the papers' tables.
 
     python tools/count_flops.py --models vig_t deit_tiny_patch16_224 --resolutions 224 1024
@@ -22,7 +25,7 @@ from timm.models.vision_transformer import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 import visionlin  # noqa: F401  (registers the models)
-from visionlin.layers import BidirectionalGLA2d
+from visionlin.layers import BidirectionalGLA2d, RankAugmentedAttention
 
 _COUNTED_OPS = ("aten.mm", "aten.addmm", "aten.convolution")
 
@@ -32,6 +35,10 @@ def _mixer_macs(module, inputs, output, totals: Dict[str, float]) -> None:
     if isinstance(module, BidirectionalGLA2d):
         B, H, W, _ = x.shape
         totals["mixer"] += B * 2 * 2 * H * W * module.num_heads * module.head_k_dim * module.head_v_dim
+    elif isinstance(module, RankAugmentedAttention):
+        B, C, H, W = x.shape
+        N = H * W
+        totals["mixer"] += B * N * C * (2 * module.head_dim + 3) if module.linear else B * 2 * N * N * C
     else:  # timm Attention on (B, N, D)
         B, N, D = x.shape
         totals["mixer"] += B * 2 * N * N * D
@@ -41,7 +48,7 @@ def count_macs(model: torch.nn.Module, resolution: int, in_chans: int = 3) -> Di
     """GMACs of one image at resolution x resolution: {'layers', 'mixer', 'total'}."""
     totals = {"mixer": 0.0}
     hooks = [m.register_forward_hook(lambda mod, i, o: _mixer_macs(mod, i, o, totals))
-             for m in model.modules() if isinstance(m, (BidirectionalGLA2d, Attention))]
+             for m in model.modules() if isinstance(m, (BidirectionalGLA2d, RankAugmentedAttention, Attention))]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.eval()(torch.zeros(1, in_chans, resolution, resolution))

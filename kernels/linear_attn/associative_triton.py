@@ -216,7 +216,8 @@ def _query_grad_kernel(q, qn, do, st_m, st_v, dq, dqn, rden, dden,
         kcols = kt * BK + tl.arange(0, BK)
         grad = d[:, None] * _vec_tile(st_v, bh, kcols, K)[None, :]
         if not HAS_QN:
-            grad += _times_state_t(do, s_on, s_od, t0, rows, N, st_m, bh, kcols, K, V, BN, BK, BV, VT, PREC) * r[:, None]
+            g = _times_state_t(do, s_on, s_od, t0, rows, N, st_m, bh, kcols, K, V, BN, BK, BV, VT, PREC)
+            grad += g * r[:, None]
         _store_tile(dq, s_gn, s_gd, t0, rows, kcols, N, K, grad)
 
 
@@ -298,6 +299,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _num_warps(BK: int, BV: int) -> int:
+    # 64 x 64 fp32 tiles spill registers on sm_90 with 4 warps (ptxas -v)
+    return 8 if BK * BV >= 2048 else 4
+
+
 def _num_sms(device: torch.device) -> int:
     # under the CPU interpreter: a small "GPU", so that tests see several splits
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
@@ -329,7 +335,7 @@ def _reduce(x, y, z, a, c, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     _state_kernel[(splits, B * H, KT * VT)](
         x, y, z, a_, c_, part_m, part_v, *_strides(x, y, z), *a_.stride()[:3], *c_.stride()[:3],
         N, H, per_split, scale, HAS_A=a is not None, HAS_C=c is not None, K=K, V=V, BN=BLOCK_N, BK=BK,
-        BV=BV, VT=VT, PREC=_precision(x.dtype))
+        BV=BV, VT=VT, PREC=_precision(x.dtype), num_warps=_num_warps(BK, BV))
     return part_m.sum(2), part_v.sum(2)
 
 
@@ -344,7 +350,7 @@ def _forward(q, k, v, q_num, k_num, key_weight, eps: float):
         state, ksum = _reduce(k if k_num is None else k_num, v, k, key_weight, key_weight, 1.0 / k.shape[1])
         _output_kernel[(triton.cdiv(Nq, BLOCK_N), B * H, VT)](
             q, qn, state, ksum, o, *_strides(q, qn, o), Nq, H, eps, HAS_QN=q_num is not None,
-            K=K, V=V, BN=BLOCK_N, BK=BK, BV=BV, KT=KT, PREC=_precision(q.dtype))
+            K=K, V=V, BN=BLOCK_N, BK=BK, BV=BV, KT=KT, PREC=_precision(q.dtype), num_warps=_num_warps(BK, BV))
     return o, state, ksum
 
 
@@ -358,26 +364,28 @@ def _backward(do, q, k, v, q_num, k_num, key_weight, state, ksum, eps: float):
     kn = k if k_num is None else k_num
     w = k if key_weight is None else key_weight          # unread when absent
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dqn = dq if q_num is None else torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
-    dkn = dk if k_num is None else torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
+    # the gradients of absent inputs are not written: any pointer will do
+    dqn = dq if q_num is None else torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dkn = dk if k_num is None else torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dw = dk if key_weight is None else torch.empty(key_weight.shape, device=q.device, dtype=key_weight.dtype)
     rden = torch.empty(B, Nq, H, device=q.device, dtype=torch.float32)
     dden = torch.empty_like(rden)
     with _device_guard(q):
         _query_grad_kernel[(triton.cdiv(Nq, BLOCK_N), B * H)](
             q, qn, do, state, ksum, dq, dqn, rden, dden, *_strides(q, qn, do, dq, dqn), *rden.stride(),
-            Nq, H, eps, HAS_QN=q_num is not None, K=K, V=V, BN=BLOCK_N, BK=BK, BV=BV, KT=KT, VT=VT, PREC=prec)
+            Nq, H, eps, HAS_QN=q_num is not None, K=K, V=V, BN=BLOCK_N, BK=BK, BV=BV, KT=KT, VT=VT, PREC=prec,
+            num_warps=_num_warps(BK, BV))
         dstate, dksum = _reduce(qn, do, q, rden, dden, 1.0)
         _key_grad_kernel[(triton.cdiv(N, BLOCK_N), B * H)](
             k, kn, v, w, dstate, dksum, dk, dkn, dv, dw, *_strides(k, kn, v), *w.stride()[:3],
             *_strides(dk, dkn, dv), *dw.stride()[:3], N, H, 1.0 / N,
             HAS_KN=k_num is not None, HAS_W=key_weight is not None, K=K, V=V, BN=BLOCK_N, BK=BK, BV=BV,
-            KT=KT, VT=VT, PREC=prec)
-    def given(t, grad):                                  # outputs must not alias: one empty each
-        return q.new_empty(0) if t is None else grad
-    return dq, dk, dv, given(q_num, dqn), given(k_num, dkn), given(key_weight, dw)
+            KT=KT, VT=VT, PREC=prec, num_warps=_num_warps(BK, BV))
+    # an empty tensor for each absent input (a custom op's outputs must not alias one another)
+    optional = [q.new_empty(0) if t is None else g for t, g in ((q_num, dqn), (k_num, dkn), (key_weight, dw))]
+    return (dq, dk, dv, *optional)
 
 
 @torch.library.custom_op("visionlin::linear_attention_triton", mutates_args=())
@@ -416,11 +424,11 @@ def _setup_context(ctx, inputs, output):
     q, k, v, q_num, k_num, key_weight, eps = inputs
     _, state, ksum = output
     ctx.save_for_backward(q, k, v, q_num, k_num, key_weight, state, ksum)
+    ctx.mark_non_differentiable(state, ksum)        # saved for the backward, never returned to users
     ctx.eps = eps
 
 
-def _la_autograd(ctx, grad_o, grad_state, grad_ksum):
-    # S and s are internal outputs (the public function returns o only): their gradients are unused
+def _la_autograd(ctx, grad_o, _grad_state, _grad_ksum):
     q, k, v, q_num, k_num, key_weight, state, ksum = ctx.saved_tensors
     dq, dk, dv, dqn, dkn, dw = _la_backward_op(grad_o, q, k, v, q_num, k_num, key_weight, state, ksum, ctx.eps)
     return (dq, dk, dv, None if q_num is None else dqn, None if k_num is None else dkn,
