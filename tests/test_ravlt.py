@@ -239,3 +239,4 @@ def test_convert_checkpoint_tool_writes_a_file_timm_loads(tmp_path):
     x = torch.randn(1, 3, SMALL, SMALL)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), source(x))
+

@@ -75,7 +75,7 @@ class RankAugmentedAttention(nn.Module):
         # (B, C, H, W) -> (B, N, heads, d) views: channel c = head * d + i, as the official layout
         q, k, v = (t.reshape(B, nh, d, N).permute(0, 3, 1, 2) for t in (q, k, v))
         if self.linear:
-            q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+            q, k = F.elu(q).add_(1.0), F.elu(k).add_(1.0)  # ELU's backward reads its input, not output
             logits = torch.einsum("bhd,bnhd->bnh", q.mean(dim=1), k) * d ** -0.5
             alpha = torch.softmax(logits.float(), dim=1) * N    # float32: N * softmax can pass fp16's max
             sin, cos = sin[:, None, :], cos[:, None, :]

@@ -42,7 +42,7 @@ class ConvFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.fc1(x))
-        return self.fc2(x + self.dwconv(x))
+        return self.fc2(self.dwconv(x).add_(x))  # in place: the conv's backward does not need its output
 
 
 class Block(nn.Module):
