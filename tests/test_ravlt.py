@@ -1,9 +1,7 @@
 """RAVLT specifics: RALA and its softmax sibling against explicit N x N forms, 2-D RoPE, the official
 layout (stage kinds, layer-scale inits, converted checkpoints) and input sizes.
 (timm conventions for every model: test_timm_conventions.py.)"""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import timm
@@ -14,7 +12,7 @@ import visionlin  # noqa: F401  (registers the models)
 from visionlin.layers import RankAugmentedAttention, rope_2d
 from visionlin.models.ravlt import checkpoint_filter_fn
 
-from zoo import SMALL, get_model, tiny, tiny_args
+from zoo import SMALL, get_model, load_tool, tiny, tiny_args
 
 
 def explicit_rope(x, height, width):
@@ -227,10 +225,7 @@ def test_pretrained_without_a_weight_file_says_where_to_get_one():
 
 
 def test_convert_checkpoint_tool_writes_a_file_timm_loads(tmp_path):
-    tool = Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", tool)
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = load_tool("convert_checkpoint")
     source = tiny("ravlt_t").eval()
     src, dest = tmp_path / "RAVLT_T.pth", tmp_path / "ravlt_t.safetensors"
     torch.save({"model": official_ravlt_state_dict(source)}, src)

@@ -1,6 +1,5 @@
 """Training tools: the pieces (dataset, sampler, metric, optimizer groups, checkpoint files) and the
 scripts end to end on scikit-learn's digits written as an image folder (no downloads)."""
-import importlib.util
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from visionlin.training import (ImageFolderDataset, RepeatedAugmentationSampler,
                                 TopKAccuracy, collate_skipping_unreadable, latest_checkpoint,
                                 load_model_weights)
 from visionlin.training.checkpoint import AtomicLocalBackend, from_plain, to_plain  # noqa: E402
+from zoo import load_tool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, TEST = str(ROOT / "tools" / "train.py"), str(ROOT / "tools" / "test.py")
@@ -26,17 +26,10 @@ RAVLT_DIGITS = str(ROOT / "configs" / "digits" / "ravlt_t_digits.py")
 SMALL_TRANSFORM = dict(input_size=32, is_training=False, crop_pct=1.0)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits"
-    counts = _load_tool("make_digits_folder").make_digits_folder(str(out), size=32)
+    counts = load_tool("make_digits_folder").make_digits_folder(str(out), size=32)
     assert counts == {"train": 1348, "val": 449}
     return str(out)
 
@@ -217,8 +210,9 @@ def test_two_process_torchrun_matches_one_process_with_the_same_global_batch(tmp
 @pytest.mark.slow
 def test_fine_tuning_loads_a_checkpoint_into_a_new_class_count_and_resolution(tmp_path, digits):
     work = tmp_path / "pre"
-    run_tool([TRAIN, VIG_DIGITS, "--data-root", digits, "--work-dir", str(work), "--cfg-options",
+    run_tool([TRAIN, VIG_DIGITS, "--data-root", digits, "--work-dir", str(work), "--tensorboard", "--cfg-options",
               "train_cfg.max_epochs=1"])
+    assert list(work.glob("*/vis_data/events.out.tfevents.*"))          # --tensorboard wrote its log
     ckpt = latest_checkpoint(str(work))
     source = torch.load(ckpt, weights_only=True)["state_dict"]
     model = TimmClassifier("vig_t", model_args=dict(num_classes=3, img_size=64, embed_dim=64, depth=4, num_heads=2),

@@ -1,6 +1,5 @@
 """ViG / ViG-H specifics: dynamic image size, position embeddings, official checkpoints and the converter
 (timm conventions for every model: test_timm_conventions.py)."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import visionlin  # noqa: F401  (registers the models)
 from visionlin.models.vig import checkpoint_filter_fn
 
-from zoo import SMALL, get_model, tiny, tiny_args
+from zoo import SMALL, get_model, load_tool, tiny, tiny_args
 
 
 def test_plain_vig_runs_at_any_size_divisible_by_16_and_rejects_others():
@@ -156,9 +155,7 @@ class TrainingConfig:
 
 def test_convert_checkpoint_tool_reads_official_training_files(tmp_path):
     tool = Path(__file__).parents[1] / "tools" / "convert_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", tool)
-    convert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert)
+    convert = load_tool("convert_checkpoint")
 
     source = tiny("vig_h_t").eval()
     src = tmp_path / "ckpt_epoch_299.pth"

@@ -1,4 +1,8 @@
-"""The registered models under test: official parameter counts, shrunken configs, feature layouts."""
+"""The registered models under test (official parameter counts, shrunken configs, feature layouts), and
+the tools loaded as modules."""
+import importlib.util
+from pathlib import Path
+
 import timm
 
 # name -> (official params in millions, feature layout of forward_features, tiny config family)
@@ -38,3 +42,11 @@ def get_model(name, **kwargs):
 def tiny(name, **kwargs):
     """A small instance of a variant (its flags kept, its size shrunk) for tests that mutate or train it."""
     return timm.create_model(name, **tiny_args(name), **kwargs)
+
+
+def load_tool(name):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

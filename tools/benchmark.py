@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
-import fnmatch
 import json
 import math
 import os
@@ -468,7 +467,6 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
     models = list(dict.fromkeys(r["model"] for r in rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0", "C1", "C2", "C3"])
     for ax, (key, ylabel, title) in zip(axes, panels):
-        any_data = False
         for i, m in enumerate(models):
             c = colors[i % len(colors)]
             pts = [r for r in rows if r["model"] == m]
@@ -476,7 +474,6 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
             ok = [(x, max(float(y), 1e-2)) for x, y in ok]  # log axis: clamp 0 to 0.01
             label = m + (" (baseline)" if m == meta.get("baseline") else "")
             if ok:
-                any_data = True
                 ax.plot([x for x, _ in ok], [y for _, y in ok], "o-", color=c, label=label, lw=2, ms=6)
             else:
                 ax.plot([], [], "o-", color=c, label=label)

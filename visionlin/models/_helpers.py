@@ -11,6 +11,32 @@ from timm.models._builder import resolve_pretrained_cfg
 from torch import nn
 
 
+class StagedBackbone:
+    """timm's stage-level interface shared by the hierarchical families: ``self.stages`` holds modules
+    with a ``grad_checkpointing`` flag after a ``stem``; ``_head_pattern`` names the parameters that
+    group with the last stage (final norm or head projection)."""
+    _head_pattern: str
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (self._head_pattern, (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+
 def check_global_pool(global_pool: str) -> str:
     if global_pool not in ('avg', ''):
         raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")

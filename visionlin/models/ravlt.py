@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import RankAugmentedAttention, check_image, rope_2d
-from ._helpers import check_global_pool, create_model, rename_key, unwrap_state_dict
+from ._helpers import StagedBackbone, check_global_pool, create_model, rename_key, unwrap_state_dict
 
 __all__ = ["RAVLT"]
 
@@ -114,8 +114,9 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class RAVLT(nn.Module):
+class RAVLT(StagedBackbone, nn.Module):
     """Hierarchical RAVLT: ``linear_stages[i]`` says whether stage i uses RALA (else softmax attention)."""
+    _head_pattern = r'^head\.(?:proj|norm)'
 
     def __init__(
             self,
@@ -173,25 +174,6 @@ class RAVLT(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^head\.(?:proj|norm)', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -18,14 +18,13 @@ from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, RmsNorm, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers import BidirectionalGLA2d, add_pos_embed, check_image, swiglu_hidden_dim, swiglu_mlp
-from ._helpers import check_global_pool, create_model, rename_key, unwrap_state_dict
+from ._helpers import StagedBackbone, check_global_pool, create_model, rename_key, unwrap_state_dict
 
 __all__ = ["ViG", "ViGH"]
 
@@ -234,9 +233,10 @@ class ViGHStage(nn.Module):
         return self.blocks(x)
 
 
-class ViGH(_ClassifierHead, nn.Module):
+class ViGH(_ClassifierHead, StagedBackbone, nn.Module):
     """Hierarchical ViG: stem to stride 4, four stages, LayerNorm, average-pooled head."""
     _pool_dims = (1, 2)  # channels-last map (B, H, W, C)
+    _head_pattern = r'^norm'
 
     def __init__(
             self,
@@ -284,25 +284,6 @@ class ViGH(_ClassifierHead, nn.Module):
         # as in the official ViG-H: the mixers' xavier init is overridden for every Linear (1x1)
         # projection by trunc-normal(0.02); the depthwise convs keep theirs
         self.apply(_init_linear)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
