@@ -248,3 +248,15 @@ def test_every_config_parses_and_builds_its_model(config):
     assert cfg.train_dataloader.dataset.type == "ImageFolderDataset"
     assert any(h["type"] == "WeightsOnlyCheckpointHook" for h in cfg.custom_hooks)
     assert cfg.default_hooks.checkpoint.backend_args == dict(backend="local_atomic")
+
+
+def test_amp_recipes_fall_back_to_float32_on_cpu_and_amp_flag_needs_cuda():
+    train = load_tool("train")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    args = train.parse_args([str(ROOT / "configs" / "ravlt" / "ravlt_t_8xb128_in1k.py"), "--work-dir", "/tmp/unused"])
+    cfg = train.build_config(args)
+    assert cfg.optim_wrapper.type == "OptimWrapper" and "dtype" not in cfg.optim_wrapper
+    args = train.parse_args([VIG_DIGITS, "--amp", "bf16"])
+    with pytest.raises(SystemExit, match="--amp needs a CUDA GPU"):
+        train.build_config(args)

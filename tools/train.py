@@ -54,6 +54,13 @@ def build_config(args) -> Config:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.dtype = "bfloat16" if args.amp == "bf16" else "float16"
         cfg.optim_wrapper.loss_scale = "dynamic" if args.amp == "fp16" else None
+    if cfg.optim_wrapper.get("type") == "AmpOptimWrapper" and not torch.cuda.is_available():
+        if args.amp:
+            raise SystemExit("--amp needs a CUDA GPU (mmengine's AmpOptimWrapper); leave it out on CPU")
+        print("note: this recipe trains with AMP, which needs a CUDA GPU; training in float32 here", flush=True)
+        cfg.optim_wrapper.type = "OptimWrapper"
+        for key in ("dtype", "loss_scale"):
+            cfg.optim_wrapper.pop(key, None)
     if args.grad_checkpointing:
         cfg.model.grad_checkpointing = True
     if args.tensorboard:
