@@ -1,6 +1,7 @@
 """Model families; importing this module registers every model with timm."""
-from . import ravlt, vig  # noqa: F401
+from . import ravlt, vig, vim  # noqa: F401
 from .ravlt import RAVLT
 from .vig import ViG, ViGH
+from .vim import Vim
 
-__all__ = ["RAVLT", "ViG", "ViGH"]
+__all__ = ["RAVLT", "ViG", "ViGH", "Vim"]

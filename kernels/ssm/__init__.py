@@ -1,0 +1,167 @@
+"""Selective scan (Mamba's S6) and its multi-route cross scan over an image grid (Vim, VMamba).
+
+    delta <- delta + delta_bias, then softplus(delta) if delta_softplus
+    x_t = exp(delta_t A) * x_{t-1} + delta_t B_t u_t          (x: (b, d, n), t = 0 .. l-1)
+    y_t = <x_t, C_t> over the n states;  out = y + D u;  out *= silu(z) if z is given
+
+``selective_scan`` has mamba_ssm's ``selective_scan_ref`` signature and semantics in the (b, d, l)
+layout (real A only). ``cross_selective_scan`` runs R routes over an (H, W) grid — 1: raster;
+2: raster and reversed raster (Vim); 4: raster, column-major, reversed raster, reversed column-major
+(VMamba's CrossScan order) — each with its own delta/A/B/C/D, and sums the route outputs placed back
+on the grid (VMamba's CrossMerge). Per-route tensors stay in the spatial layout: the route only sets
+the order in which the tokens are scanned.
+
+Only the PyTorch path exists so far (``chunk.py``); ``naive.py`` holds the float64 token-serial
+references the tests compare against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import check_same_device, check_shape, check_tensor
+from .._dispatch import resolve_backend
+from .chunk import chunk_cross_selective_scan, chunk_selective_scan
+from .naive import naive_cross_selective_scan, naive_selective_scan
+
+__all__ = ["selective_scan", "cross_selective_scan", "naive_selective_scan", "naive_cross_selective_scan",
+           "chunk_selective_scan", "chunk_cross_selective_scan", "ROUTES"]
+
+ROUTES = (1, 2, 4)
+_HAS_TRITON_IMPL = False  # a fused Triton path is a later addition
+
+
+def _check_dtype(name, t, u, params_may_be_float32: bool) -> None:
+    if t.dtype == u.dtype or (params_may_be_float32 and t.dtype == torch.float32):
+        return
+    extra = " (or float32)" if params_may_be_float32 else ""
+    raise ValueError(f"{name} must have u's dtype {u.dtype}{extra}, got {t.dtype}")
+
+
+def _check_group(name, M, b, d, n, l_shape, l_layout):
+    if M.ndim == 3 + len(l_shape) - 1:
+        check_shape(name, M, (b, n, *l_shape), f"(b, n, {l_layout})")
+        return
+    if M.ndim != 4 + len(l_shape) - 1:
+        raise ValueError(f"{name} must have shape (b, n, {l_layout}) or (b, g, n, {l_layout}), got {tuple(M.shape)}")
+    g = M.shape[1]
+    if g == 0 or d % g:
+        raise ValueError(f"{name} has g = {g} groups, which must divide d = {d}; got {tuple(M.shape)}")
+    check_shape(name, M, (b, g, n, *l_shape), f"(b, g, n, {l_layout})")
+
+
+def _validate_scan(u, delta, A, B, C, D, z, delta_bias) -> None:
+    check_tensor("u", u, 3, "(b, d, l)")
+    check_tensor("delta", delta, 3, "(b, d, l)")
+    check_tensor("A", A, 2, "(d, n)")
+    for name, M in (("B", B), ("C", C)):
+        if not isinstance(M, torch.Tensor) or M.ndim not in (3, 4):
+            check_tensor(name, M, 3, "(b, n, l) or (b, g, n, l)")
+        check_tensor(name, M, M.ndim, "(b, n, l) or (b, g, n, l)")
+    named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
+    for name, t, nd, layout in (("D", D, 1, "(d,)"), ("z", z, 3, "(b, d, l)"), ("delta_bias", delta_bias, 1, "(d,)")):
+        if t is not None:
+            check_tensor(name, t, nd, layout)
+            named.append((name, t))
+    check_same_device([nm for nm, _ in named], [t for _, t in named])
+    b, d, l = u.shape
+    n = A.shape[1]
+    check_shape("delta", delta, u.shape, "(b, d, l) like u")
+    check_shape("A", A, (d, n), "(d, n) with d of u")
+    if z is not None:
+        check_shape("z", z, u.shape, "(b, d, l) like u")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_shape(name, t, (d,), "(d,) with d of u")
+    for name, M in (("B", B), ("C", C)):
+        _check_group(name, M, b, d, n, (l,), "l")
+    for name, t in named[1:]:
+        _check_dtype(name, t, u, name in ("A", "D", "delta_bias"))
+    if l == 0:
+        raise ValueError("u has l = 0 tokens; selective_scan needs l >= 1")
+    if n == 0:
+        raise ValueError("A has n = 0 states; the state size must be >= 1")
+
+
+def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                   D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+                   delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, backend: Optional[str] = None):
+    """Selective scan with mamba_ssm's ``selective_scan_ref`` semantics.
+
+    Args:
+        u, delta: (b, d, l). A: (d, n), real (normally negative: A = -exp(A_log)).
+        B, C: (b, n, l), or grouped (b, g, n, l) with g dividing d (channel c reads group c // (d // g)).
+        D: optional (d,) skip. z: optional (b, d, l) gate, out *= silu(z). delta_bias: optional (d,).
+        delta_softplus: apply softplus to delta (after adding delta_bias).
+        return_last_state: also return the state after the last token, (b, d, n).
+        backend: 'auto' or 'torch' (no Triton path yet: 'triton' raises); see ``use_backend``.
+        u, delta, B, C, z share u's dtype; A, D, delta_bias may also be float32. Any strides.
+    Returns:
+        out (b, d, l) in u's dtype, computed in float32 (float64 for float64 inputs); with
+        return_last_state, (out, last_state) with last_state in the compute dtype.
+    Numerics: the per-token log-decay delta*A is clamped to [-30, 30] (see ``chunk.py``).
+    """
+    _validate_scan(u, delta, A, B, C, D, z, delta_bias)
+    resolve_backend("selective_scan", backend, u.device, _HAS_TRITON_IMPL)
+    if u.numel() == 0:  # an empty batch or no channels
+        out = u.new_zeros(u.shape)
+        cd = torch.float64 if u.dtype == torch.float64 else torch.float32
+        return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=cd)) if return_last_state else out
+    return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _validate_cross(u, delta, A, B, C, D, delta_bias, routes) -> None:
+    if isinstance(routes, bool) or routes not in ROUTES:
+        raise ValueError(f"routes must be one of {ROUTES}, got {routes!r}")
+    check_tensor("u", u, 4, "(b, d, H, W)")
+    check_tensor("delta", delta, 5, "(b, R, d, H, W)")
+    check_tensor("A", A, 3, "(R, d, n)")
+    check_tensor("B", B, 5, "(b, R, n, H, W)")
+    check_tensor("C", C, 5, "(b, R, n, H, W)")
+    named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_tensor(name, t, 2, "(R, d)")
+            named.append((name, t))
+    check_same_device([nm for nm, _ in named], [t for _, t in named])
+    b, d, H, W = u.shape
+    R, n = routes, A.shape[-1]
+    check_shape("delta", delta, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
+    check_shape("A", A, (R, d, n), f"(R, d, n) with R = routes = {R} and d of u")
+    for name, M in (("B", B), ("C", C)):
+        check_shape(name, M, (b, R, n, H, W), f"(b, R, n, H, W) with R = routes = {R} and n of A")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            check_shape(name, t, (R, d), f"(R, d) with R = routes = {R} and d of u")
+    for name, t in named[1:]:
+        _check_dtype(name, t, u, name in ("A", "D", "delta_bias"))
+    if H == 0 or W == 0:
+        raise ValueError(f"u has an empty grid H x W = {H} x {W}; cross_selective_scan needs H, W >= 1")
+    if n == 0:
+        raise ValueError("A has n = 0 states; the state size must be >= 1")
+
+
+def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                         C: torch.Tensor, D: Optional[torch.Tensor] = None,
+                         delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = True,
+                         routes: int = 4, backend: Optional[str] = None) -> torch.Tensor:
+    """Multi-route selective scan over an image grid, merged back onto the grid (VMamba's SS2D core).
+
+    Args:
+        u: (b, d, H, W) input, shared by every route.
+        delta: (b, R, d, H, W); B, C: (b, R, n, H, W) — per-route, in the spatial layout.
+        A: (R, d, n). D, delta_bias: optional (R, d). delta_softplus as in ``selective_scan``.
+        routes: R in (1, 2, 4). Route 0 scans in raster order (row by row), route 1 column by column,
+            routes 2 and 3 are routes 0 and 1 reversed.
+        backend: 'auto' or 'torch' (no Triton path yet: 'triton' raises).
+    Returns:
+        y: (b, d, H, W) in u's dtype = sum over routes of selective_scan on the route's token order
+        (including D*u per route), each output placed back at its token's grid position.
+    """
+    _validate_cross(u, delta, A, B, C, D, delta_bias, routes)
+    resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL)
+    if u.numel() == 0:
+        return u.new_zeros(u.shape)
+    return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
