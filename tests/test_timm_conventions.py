@@ -15,7 +15,7 @@ def test_parameter_count_matches_official(name):
     assert round(n / 1e6, 2) == MODELS[name][0]
 
 
-@pytest.mark.parametrize("family", ["vig", "ravlt", "vim"])
+@pytest.mark.parametrize("family", ["vig", "ravlt", "vim", "vmamba"])
 def test_models_are_registered_with_timm_under_the_family_module(family):
     names = [n for n in ALL if n.startswith(family)]
     assert set(names) <= set(timm.list_models(f"{family}*"))
@@ -155,8 +155,7 @@ def test_fx_traced_model_matches_eager(name):
     from timm.models import create_feature_extractor
     model = tiny(name).eval()
     x = torch.randn(1, 3, SMALL, SMALL)
-    extractor = create_feature_extractor(model, return_nodes={"head": "out"} if layout(name) != "NCHW"
-                                         else {"head.fc": "out"})
+    extractor = create_feature_extractor(model, return_nodes={model.pretrained_cfg["classifier"]: "out"})
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)["out"], model(x))
 

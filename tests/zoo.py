@@ -11,6 +11,7 @@ MODELS = {
     "vig_h_t": (28.60, "NHWC", "vig_h"), "vig_h_s": (50.05, "NHWC", "vig_h"), "vig_h_b": (88.90, "NHWC", "vig_h"),
     "ravlt_t": (14.90, "NCHW", "ravlt"), "ravlt_s": (25.59, "NCHW", "ravlt"), "ravlt_b": (48.24, "NCHW", "ravlt"),
     "ravlt_l": (95.24, "NCHW", "ravlt"), "ravlt_s_linear": (25.59, "NCHW", "ravlt"),
+    "vmamba_t": (30.25, "NCHW", "vmamba"), "vmamba_s": (49.01, "NCHW", "vmamba"), "vmamba_b": (86.61, "NCHW", "vmamba"),
     "vim_t": (7.15, "NLC", "vim"), "vim_s": (25.80, "NLC", "vim"), "vim_b": (97.60, "NLC", "vim"),
 }
 ALL = list(MODELS)
@@ -18,6 +19,7 @@ TINY_ARGS = {
     "vig": dict(embed_dim=64, depth=3, num_heads=2),
     "vig_h": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)),
     "vim": dict(embed_dim=64, depth=3),
+    "vmamba": dict(embed_dim=32, depths=(1, 1, 2, 1)),
     "ravlt": dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), head_hidden_size=48),
 }
 SMALL = 64  # test resolution: divisible by 32, keeps the full-size models quick on CPU

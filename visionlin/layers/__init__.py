@@ -4,6 +4,7 @@ from .image import add_pos_embed, check_image
 from .mamba import BiMambaMixer
 from .mlp import swiglu_hidden_dim, swiglu_mlp
 from .rala import RankAugmentedAttention, apply_rope, rope_2d
+from .ss2d import SS2D, Linear2d
 
 __all__ = ["BidirectionalGLA2d", "BiMambaMixer", "add_pos_embed", "check_image", "swiglu_hidden_dim", "swiglu_mlp",
-           "RankAugmentedAttention", "apply_rope", "rope_2d"]
+           "RankAugmentedAttention", "apply_rope", "rope_2d", "SS2D", "Linear2d"]

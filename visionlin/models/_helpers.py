@@ -3,7 +3,7 @@ and model creation through timm's builder (pretrained weights from local files o
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from timm.models import build_model_with_cfg
@@ -35,6 +35,28 @@ class StagedBackbone:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for s in self.stages:
             s.grad_checkpointing = enable
+
+
+class PooledLinearHead:
+    """timm's classifier interface for models whose head is an average pool over ``_pool_dims`` then a
+    Linear (needs ``num_features``, ``global_pool``, ``head_drop`` and ``head``)."""
+    _pool_dims: Tuple[int, ...]
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=self._pool_dims)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
 
 def check_global_pool(global_pool: str) -> str:

@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..layers import BidirectionalGLA2d, add_pos_embed, check_image, swiglu_hidden_dim, swiglu_mlp
-from ._helpers import StagedBackbone, check_global_pool, create_model, rename_key, unwrap_state_dict
+from ._helpers import PooledLinearHead, StagedBackbone, check_global_pool, create_model, rename_key, unwrap_state_dict
 
 __all__ = ["ViG", "ViGH"]
 
@@ -54,28 +54,7 @@ def _init_linear(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class _ClassifierHead:
-    """timm's classifier interface shared by both families: average pool over ``_pool_dims`` -> Linear."""
-    _pool_dims: Tuple[int, ...]
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = check_global_pool(global_pool)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=self._pool_dims)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-
-class ViG(_ClassifierHead, nn.Module):
+class ViG(PooledLinearHead, nn.Module):
     """Plain ViG: stride-16 tokens, ``depth`` blocks of one width, global average pooling."""
     _pool_dims = (1,)  # tokens (B, N, D)
 
@@ -233,7 +212,7 @@ class ViGHStage(nn.Module):
         return self.blocks(x)
 
 
-class ViGH(_ClassifierHead, StagedBackbone, nn.Module):
+class ViGH(PooledLinearHead, StagedBackbone, nn.Module):
     """Hierarchical ViG: stem to stride 4, four stages, LayerNorm, average-pooled head."""
     _pool_dims = (1, 2)  # channels-last map (B, H, W, C)
     _head_pattern = r'^norm'
