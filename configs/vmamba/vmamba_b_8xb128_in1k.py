@@ -1,0 +1,2 @@
+_base_ = ['./vmamba_t_8xb128_in1k.py']
+model = dict(model_name='vmamba_b', model_args=dict(drop_path_rate=0.5))
