@@ -269,14 +269,16 @@ def test_cross_scan_strided_inputs():
 
 # ------------------------------------------------------------------ dispatch and checks
 
-def test_cpu_takes_the_torch_path_and_triton_is_refused_clearly():
+def test_cpu_takes_the_torch_path_and_triton_is_refused_clearly(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = scan_inputs(l=8)
     selective_scan(*args)
     assert last_backend("selective_scan") == "torch"
-    with pytest.raises(ValueError, match="selective_scan: no Triton implementation"):
-        selective_scan(*args, backend="triton")
-    with pytest.raises(ValueError, match="cross_selective_scan: no Triton implementation"):
-        cross_selective_scan(*cross_inputs(), backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises((ValueError, RuntimeError), match="^selective_scan: backend='triton'"):
+            selective_scan(*args, backend="triton")
+        with pytest.raises((ValueError, RuntimeError), match="^cross_selective_scan: backend='triton'"):
+            cross_selective_scan(*cross_inputs(), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
         selective_scan(*args, backend="cuda")
     cross_selective_scan(*cross_inputs(), backend="torch")
@@ -358,3 +360,21 @@ def test_unsupported_route_counts_are_rejected(routes):
 def test_cross_scan_route_count_must_match_the_parameters():
     with pytest.raises(ValueError, match="R = routes = 2"):
         cross_selective_scan(*cross_inputs(R=4), routes=2)
+
+
+@pytest.mark.parametrize("A_scale", [5.0, 30.0])
+def test_gradients_stay_finite_and_correct_under_strong_decays(A_scale):
+    # |delta * A| of ~10-60 per token: |L| within a chunk reaches hundreds (the float64 chunk path),
+    # where the gradient of 1 / exp(L) would overflow
+    u, delta, A, B, C, D, z, bias = scan_inputs(b=1, d=4, l=40, n=4, A_scale=A_scale)
+    delta = delta + 2.0
+    leaves = [t.detach().clone().requires_grad_() for t in (u, delta, B, C)]
+    out = selective_scan(leaves[0], leaves[1], A, leaves[2], leaves[3], D, z, bias, False, backend="torch")
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (u, delta, B, C)]
+    ref = naive_selective_scan(ref_leaves[0], ref_leaves[1], A.double(), ref_leaves[2], ref_leaves[3], D.double(),
+                               z.double(), bias.double(), False)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        assert max_rel_error(g, r) < 1e-4

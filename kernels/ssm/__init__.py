@@ -11,11 +11,13 @@ layout (real A only). ``cross_selective_scan`` runs R routes over an (H, W) grid
 on the grid (VMamba's CrossMerge). Per-route tensors stay in the spatial layout: the route only sets
 the order in which the tokens are scanned.
 
-Only the PyTorch path exists so far (``chunk.py``); ``naive.py`` holds the float64 token-serial
-references the tests compare against.
+Paths: the vectorised PyTorch path (``chunk.py``) and a fused Triton path (``scan_triton.py``, all
+routes in one launch, forward and backward); ``naive.py`` holds the float64 token-serial references
+the tests compare against.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -29,7 +31,16 @@ __all__ = ["selective_scan", "cross_selective_scan", "naive_selective_scan", "na
            "chunk_selective_scan", "chunk_cross_selective_scan", "ROUTES"]
 
 ROUTES = (1, 2, 4)
-_HAS_TRITON_IMPL = False  # a fused Triton path is a later addition
+_HAS_TRITON_IMPL = importlib.util.find_spec(__name__ + ".scan_triton") is not None
+
+# what the fused kernel takes (scan_triton raises a clear error for anything else)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_MAX_STATE = 256
+
+
+def _triton_supports(u, delta, A, B, C, *optional) -> bool:
+    return (A.shape[-1] <= TRITON_MAX_STATE
+            and all(t.dtype in TRITON_DTYPES for t in (u, delta, A, B, C, *optional) if t is not None))
 
 
 def _check_dtype(name, t, u, params_may_be_float32: bool) -> None:
@@ -96,7 +107,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         D: optional (d,) skip. z: optional (b, d, l) gate, out *= silu(z). delta_bias: optional (d,).
         delta_softplus: apply softplus to delta (after adding delta_bias).
         return_last_state: also return the state after the last token, (b, d, n).
-        backend: 'auto' or 'torch' (no Triton path yet: 'triton' raises); see ``use_backend``.
+        backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'; see ``use_backend``.
         u, delta, B, C, z share u's dtype; A, D, delta_bias may also be float32. Any strides.
     Returns:
         out (b, d, l) in u's dtype, computed in float32 (float64 for float64 inputs); with
@@ -104,11 +115,15 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     Numerics: the per-token log-decay delta*A is clamped to [-30, 30] (see ``chunk.py``).
     """
     _validate_scan(u, delta, A, B, C, D, z, delta_bias)
-    resolve_backend("selective_scan", backend, u.device, _HAS_TRITON_IMPL)
+    path = resolve_backend("selective_scan", backend, u.device, _HAS_TRITON_IMPL,
+                           _triton_supports(u, delta, A, B, C, D, z, delta_bias))
     if u.numel() == 0:  # an empty batch or no channels
         out = u.new_zeros(u.shape)
         cd = torch.float64 if u.dtype == torch.float64 else torch.float32
         return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=cd)) if return_last_state else out
+    if path == "triton":
+        from .scan_triton import triton_selective_scan
+        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -155,13 +170,17 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         A: (R, d, n). D, delta_bias: optional (R, d). delta_softplus as in ``selective_scan``.
         routes: R in (1, 2, 4). Route 0 scans in raster order (row by row), route 1 column by column,
             routes 2 and 3 are routes 0 and 1 reversed.
-        backend: 'auto' or 'torch' (no Triton path yet: 'triton' raises).
+        backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'.
     Returns:
         y: (b, d, H, W) in u's dtype = sum over routes of selective_scan on the route's token order
         (including D*u per route), each output placed back at its token's grid position.
     """
     _validate_cross(u, delta, A, B, C, D, delta_bias, routes)
-    resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL)
+    path = resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL,
+                           _triton_supports(u, delta, A, B, C, D, delta_bias))
     if u.numel() == 0:
         return u.new_zeros(u.shape)
+    if path == "triton":
+        from .scan_triton import triton_cross_selective_scan
+        return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
     return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)

@@ -89,7 +89,8 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     if cd == torch.float32 and bound * CHUNK > FLOAT32_RANGE and _range(L, delta, A) > FLOAT32_RANGE:
         L, bu = L.double(), bu.double()
     exp_L = L.exp()
-    cs = torch.cumsum(bu * exp_L.reciprocal(), dim=-1)                  # x_t = exp(L_t) (x_0 + cs_t)
+    # exp(-L), not 1 / exp(L): the reciprocal's gradient -1 / exp(L)^2 overflows for strong decays
+    cs = torch.cumsum(bu * torch.exp(-L), dim=-1)                       # x_t = exp(L_t) (x_0 + cs_t)
     del L, bu
 
     # chunk-entry states: s_{c+1} = exp(L_end,c) (s_c + cs_end,c)

@@ -1,0 +1,422 @@
+"""The fused Triton path of selective_scan / cross_selective_scan against the float64 token-serial
+references and the PyTorch path, forward and every gradient.
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter. Triton 3.8 reads
+TRITON_INTERPRET when a function is decorated with ``@triton.jit``: at ``import triton`` for its own
+library functions and at import of ``scan_triton`` for ours; the dispatcher reads it again on every
+call. So this module imports both with the variable set, puts the variable back as it was (other
+modules see no change), and sets it again only while its own tests run. If Triton was already
+imported in compiled mode by the time this module is collected, its kernels cannot run on CPU in
+this process: the interpreter tests are then skipped here and run in a fresh process.
+bfloat16 arithmetic is wrong in the interpreter; the kernels upcast right after every load, and
+bfloat16 is only smoke-tested.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _import_kernels_for_this_device():
+    """scan_triton with kernels runnable on DEVICE, or None when that is impossible in-process."""
+    if not HAS_TRITON:
+        return None
+    if DEVICE.type == "cuda":
+        return importlib.import_module("visionlin.kernels.ssm.scan_triton")
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language as tl
+        if type(tl.cumsum).__name__ != "InterpretedFunction":
+            return None                     # triton came in compiled mode before this module
+        module = importlib.import_module("visionlin.kernels.ssm.scan_triton")
+        if type(module._scan_fwd_kernel).__name__ != "InterpretedFunction":
+            module = importlib.reload(module)
+        return module
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+scan_triton = _import_kernels_for_this_device()
+IN_PROCESS = scan_triton is not None
+in_process = pytest.mark.skipif(not IN_PROCESS, reason=(
+    "Triton was imported in compiled mode first; see test_interpreter_suite_in_fresh_process" if HAS_TRITON
+    else "Triton is not installed"))
+
+from visionlin.kernels import cross_selective_scan, last_backend, selective_scan  # noqa: E402
+from visionlin.kernels.ssm import naive_cross_selective_scan, naive_selective_scan  # noqa: E402
+from visionlin.kernels.ssm.naive import route_backward, route_forward  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_env(monkeypatch):
+    if DEVICE.type == "cpu" and IN_PROCESS:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def scan_inputs(b=1, d=6, l=17, n=16, gB=None, gC=None, dtype=torch.float32, D=True, z=True, bias=True,
+                delta_scale=1.5):
+    """u, delta, A, B, C, D, z, delta_bias as in mamba; A, D, delta_bias stay float32."""
+    bcB = (b, n, l) if gB is None else (b, gB, n, l)
+    bcC = (b, n, l) if gC is None else (b, gC, n, l)
+    A = -torch.exp(torch.rand(d, n) * 2.5)
+    args = [torch.randn(b, d, l), torch.rand(b, d, l) * delta_scale, A, torch.randn(*bcB), torch.randn(*bcC),
+            torch.randn(d) if D else None, torch.randn(b, d, l) if z else None,
+            torch.rand(d) * 0.5 if bias else None]
+    return [None if t is None else t.to(DEVICE, t.dtype if i in (2, 5, 7) else dtype) for i, t in enumerate(args)]
+
+
+def cross_inputs(b=1, d=3, H=3, W=5, n=4, R=4, dtype=torch.float32, D=True, bias=True):
+    args = [torch.randn(b, d, H, W), torch.randn(b, R, d, H, W) - 1.0, -torch.exp(torch.rand(R, d, n) * 2),
+            torch.randn(b, R, n, H, W), torch.randn(b, R, n, H, W),
+            torch.randn(R, d) if D else None, torch.randn(R, d) * 0.5 if bias else None]
+    return [None if t is None else t.to(DEVICE, t.dtype if i in (2, 5, 6) else dtype) for i, t in enumerate(args)]
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp(min=1e-30)).item()
+
+
+def grads_of(fn, inputs, weight, dtype=None):
+    """Gradients of sum(fn(inputs) * weight) with respect to every tensor input (None stays None)."""
+    leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad((out * weight.to(out.dtype)).sum(), present))
+    return [None if t is None else next(grads) for t in leaves]
+
+
+def assert_grads_close(grads, ref_grads, rel, names):
+    for name, g, r in zip(names, grads, ref_grads):
+        assert (g is None) == (r is None), name
+        if g is None:
+            continue
+        assert g.shape == r.shape and torch.isfinite(g).all(), name
+        err = (g.double() - r.double()).abs().max().item()
+        assert err <= rel * r.double().abs().max().item() + 1e-6, f"d{name}: max error {err}"
+
+
+SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+CROSS_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+
+def check_scan(args, softplus, rel_out=1e-5, rel_grad=1e-4, against_torch=True):
+    tri = lambda *x: selective_scan(*x, delta_softplus=softplus, backend="triton")  # noqa: E731
+    out = tri(*args)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    assert last_backend("selective_scan") == "triton"
+    ref = naive_selective_scan(*args, delta_softplus=softplus)
+    assert rel_err(out, ref) <= rel_out, rel_err(out, ref)
+    weight = torch.randn(args[0].shape, device=DEVICE)
+    grads = grads_of(tri, args, weight)
+    for g, x in zip(grads, args):
+        assert g is None or g.dtype == x.dtype
+    ref64 = lambda *x: naive_selective_scan(*x, delta_softplus=softplus)  # noqa: E731
+    assert_grads_close(grads, grads_of(ref64, args, weight, torch.float64), rel_grad, SCAN_NAMES)
+    if against_torch:
+        tp = lambda *x: selective_scan(*x, delta_softplus=softplus, backend="torch")  # noqa: E731
+        torch.testing.assert_close(out, tp(*args), rtol=1e-5, atol=1e-5)
+        assert_grads_close(grads, grads_of(tp, args, weight), rel_grad, SCAN_NAMES)
+
+
+def check_cross(args, routes, softplus=True, rel_out=1e-5, rel_grad=1e-4, torch_grads=False):
+    tri = lambda *x: cross_selective_scan(*x, delta_softplus=softplus, routes=routes, backend="triton")  # noqa: E731
+    out = tri(*args)
+    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    assert last_backend("cross_selective_scan") == "triton"
+    assert rel_err(out, naive_cross_selective_scan(*args, delta_softplus=softplus, routes=routes)) <= rel_out
+    weight = torch.randn(args[0].shape, device=DEVICE)
+    grads = grads_of(tri, args, weight)
+    ref64 = lambda *x: naive_cross_selective_scan(*x, delta_softplus=softplus, routes=routes)  # noqa: E731
+    assert_grads_close(grads, grads_of(ref64, args, weight, torch.float64), rel_grad, CROSS_NAMES)
+    tp = lambda *x: cross_selective_scan(*x, delta_softplus=softplus, routes=routes, backend="torch")  # noqa: E731
+    torch.testing.assert_close(out, tp(*args), rtol=1e-5, atol=1e-5)
+    if torch_grads:  # see test_cross_scan_gradients_match_the_torch_path
+        assert_grads_close(grads, grads_of(tp, args, weight), rel_grad, CROSS_NAMES)
+
+
+# ------------------------------------------------------------------ selective_scan
+@in_process
+@pytest.mark.parametrize("l", [1, 17, 33])
+@pytest.mark.parametrize("n", [1, 16])
+def test_forward_and_gradients_for_any_length_and_state_size(l, n):
+    check_scan(scan_inputs(b=2 if l == 17 else 1, l=l, n=n), softplus=True)
+
+
+@in_process
+@pytest.mark.parametrize("D,z,bias,softplus", [(False, False, False, False), (True, False, True, False),
+                                                (False, True, False, True)])
+def test_optional_inputs_and_softplus(D, z, bias, softplus):
+    # Without softplus these steps reach delta*A ~ -18 per token, where the PyTorch path's *backward*
+    # returns non-finite ddelta/dA (the gradient of exp(L).reciprocal() overflows float32), so its
+    # gradients are not compared there; the float64 reference is.
+    check_scan(scan_inputs(l=9, n=4, D=D, z=z, bias=bias), softplus=softplus, against_torch=softplus)
+
+
+@in_process
+@pytest.mark.parametrize("d,gB,gC", [(8, 2, 2), (6, 2, 3), (8, 4, 1)])
+def test_grouped_B_and_C(d, gB, gC):
+    # (6, 2, 3): group sizes 3 and 2, so channel blocks of one channel; (8, 4, 1): only B grouped
+    check_scan(scan_inputs(d=d, l=7, n=4, gB=gB, gC=None if gC == 1 else gC), softplus=True)
+
+
+@in_process
+def test_many_channel_blocks_share_B_and_C_through_atomics(monkeypatch):
+    monkeypatch.setattr(scan_triton, "_blocks", lambda d, n, g: (2, triton_pow2(n)))
+    check_scan(scan_inputs(b=1, d=7, l=11, n=3, gB=None), softplus=True)
+
+
+def triton_pow2(n):
+    import triton
+    return triton.next_power_of_2(n)
+
+
+@in_process
+def test_last_state_and_its_gradient():
+    args = scan_inputs(l=13, n=4)
+    out, last = selective_scan(*args, delta_softplus=True, return_last_state=True, backend="triton")
+    ref_out, ref_last = naive_selective_scan(*args, delta_softplus=True, return_last_state=True)
+    assert rel_err(out, ref_out) <= 1e-5 and rel_err(last, ref_last) <= 1e-5
+    wo, wl = torch.randn(out.shape, device=DEVICE), torch.randn(last.shape, device=DEVICE)
+
+    def loss_of(path, dtype=None):
+        leaves = [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in args]
+        fn = naive_selective_scan if path == "naive" else selective_scan
+        kw = {} if path == "naive" else {"backend": path}
+        o, s = fn(*leaves, delta_softplus=True, return_last_state=True, **kw)
+        grads = torch.autograd.grad((o * wo.to(o.dtype)).sum() + (s * wl.to(s.dtype)).sum(),
+                                    [t for t in leaves if t is not None])
+        return list(grads)
+
+    assert_grads_close(loss_of("triton"), loss_of("naive", torch.float64), 1e-4, SCAN_NAMES)
+
+
+@in_process
+def test_half_precision_accumulates_in_float32():
+    args = scan_inputs(l=17, n=16, dtype=torch.float16)
+    check_scan(args, softplus=True, rel_out=3e-3, rel_grad=1e-2, against_torch=False)
+
+
+@in_process
+def test_bfloat16_smoke():
+    args = scan_inputs(l=9, n=4, dtype=torch.bfloat16)
+    out = selective_scan(*args, delta_softplus=True, backend="triton")
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, naive_selective_scan(*args, delta_softplus=True)) <= 3e-2
+
+
+@in_process
+@pytest.mark.parametrize("scale", [0.0, 1e4])
+def test_extreme_step_sizes(scale):
+    # delta = 0: no decay and no input (out = D u gated); delta huge: decays far past the clamp
+    args = scan_inputs(l=9, n=4, bias=False, delta_scale=scale)
+    check_scan(args, softplus=False)
+    if scale == 0.0:
+        u, _, _, _, _, D, z, _ = args
+        out = selective_scan(*args, backend="triton")
+        torch.testing.assert_close(out, u * D[:, None] * z * torch.sigmoid(z))
+
+
+@in_process
+def test_strided_inputs_give_the_same_result_as_contiguous_ones():
+    b, d, l, n = 2, 4, 7, 4
+    xz = torch.randn(b, l, 3 * d, device=DEVICE)                      # a fused projection's output
+    u, delta, z = (t.transpose(1, 2) for t in xz.split(d, dim=-1))    # (b, d, l) views
+    delta = delta.abs()
+    bc = torch.randn(b, l, 2 * n, device=DEVICE)
+    B, C = (t.transpose(1, 2) for t in bc.split(n, dim=-1))
+    A = -torch.rand(n, d, device=DEVICE).t()
+    D, bias = torch.randn(2, d, device=DEVICE)[:, 0::1].unbind(0)
+    strided = [u, delta, A, B, C, D, z, bias]
+    assert not any(t.is_contiguous() for t in (u, delta, A, B, C, z))
+    dense = [t.contiguous() for t in strided]
+    run = lambda *x: selective_scan(*x, delta_softplus=True, backend="triton")  # noqa: E731
+    torch.testing.assert_close(run(*strided), run(*dense), rtol=1e-6, atol=1e-6)
+    weight = torch.randn(b, d, l, device=DEVICE)
+    for g, r in zip(grads_of(run, strided, weight), grads_of(run, dense, weight)):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ cross_selective_scan
+@in_process
+@pytest.mark.parametrize("routes", [1, 2, 4])
+def test_cross_scan_matches_explicit_flips_and_transposes(routes):
+    check_cross(cross_inputs(b=2 if routes == 2 else 1, R=routes), routes)
+
+
+@in_process
+def test_cross_scan_gradients_match_the_torch_path():
+    # mild decays only: for strong ones (|delta*A| ~ 10 per token) the PyTorch path's autograd returns
+    # non-finite ddelta/dA (the gradient of exp(L).reciprocal() overflows float32); the float64
+    # reference is the oracle there (test_cross_scan_matches_explicit_flips_and_transposes)
+    args = cross_inputs(R=4)
+    args[2] = args[2] * 0.1
+    check_cross(args, 4, torch_grads=True)
+
+
+@in_process
+def test_cross_scan_route_order_on_a_non_square_grid():
+    # route r of the fused kernel equals selective_scan on route_forward(...) copies, put back
+    b, d, H, W, n = 1, 2, 3, 5, 2
+    args = cross_inputs(b=b, d=d, H=H, W=W, n=n, R=4, D=False, bias=False)
+    u, delta, A, B, C = args[:5]
+    for r in range(4):
+        only = [t.clone() for t in (delta, B)]
+        for t in only:
+            t[:, [q for q in range(4) if q != r]] = 0     # other routes read zero input
+        out = cross_selective_scan(u, only[0], A, only[1], C, routes=4, delta_softplus=False, backend="triton")
+        single = selective_scan(route_forward(u, r), route_forward(delta[:, r], r), A[r],
+                                route_forward(B[:, r], r), route_forward(C[:, r], r), backend="torch")
+        torch.testing.assert_close(out, route_backward(single, r, H, W), rtol=1e-5, atol=1e-5)
+
+
+@in_process
+def test_cross_scan_without_D_and_bias_and_without_softplus():
+    args = cross_inputs(R=2, D=False, bias=False, n=1)
+    args[1] = args[1].abs()          # a step size without softplus
+    check_cross(args, 2, softplus=False)
+
+
+@in_process
+def test_cross_scan_half_precision():
+    args = cross_inputs(R=4, dtype=torch.float16)
+    out = cross_selective_scan(*args, backend="triton")
+    assert out.dtype == torch.float16
+    assert rel_err(out, naive_cross_selective_scan(*args)) <= 3e-3
+
+
+@in_process
+def test_cross_scan_strided_inputs():
+    b, d, H, W, n, R = 1, 2, 2, 3, 2, 4
+    u_cl = torch.randn(b, H, W, d, device=DEVICE).permute(0, 3, 1, 2)             # channels-last
+    delta = (torch.randn(b, H, W, R, d, device=DEVICE) - 1).permute(0, 3, 4, 1, 2)
+    BC = torch.randn(b, H, W, R, 2 * n, device=DEVICE).permute(0, 3, 4, 1, 2)
+    B, C = BC[:, :, :n], BC[:, :, n:]
+    A = -torch.rand(n, d, R, device=DEVICE).permute(2, 1, 0)
+    strided = [u_cl, delta, A, B, C, torch.randn(R, d, device=DEVICE), torch.rand(R, d, device=DEVICE)]
+    dense = [t.contiguous() for t in strided]
+    run = lambda *x: cross_selective_scan(*x, backend="triton")  # noqa: E731
+    torch.testing.assert_close(run(*strided), run(*dense), rtol=1e-6, atol=1e-6)
+    weight = torch.randn(b, d, H, W, device=DEVICE)
+    for g, r in zip(grads_of(run, strided, weight), grads_of(run, dense, weight)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ dispatch and errors
+@in_process
+def test_unsupported_calls_raise_clear_errors():
+    args = scan_inputs(l=4, n=4)
+    f64 = [None if t is None else t.double() for t in args]
+    with pytest.raises(ValueError, match=r"supports u dtypes \('float32', 'float16', 'bfloat16'\)"):
+        selective_scan(*f64, backend="triton")
+    with pytest.raises(ValueError, match="state sizes n <= 256; got n=300"):
+        selective_scan(*scan_inputs(l=2, n=300, d=2, z=False), backend="triton")
+    c = [t.double() for t in cross_inputs(b=1, R=2)]
+    with pytest.raises(ValueError, match="supports u dtypes"):
+        cross_selective_scan(*c, routes=2, backend="triton")
+
+
+def test_auto_takes_the_torch_path_on_cpu():
+    if DEVICE.type == "cuda":
+        pytest.skip("auto picks Triton on CUDA")
+    selective_scan(*scan_inputs(l=4, n=2))
+    assert last_backend("selective_scan") == "torch"
+    cross_selective_scan(*cross_inputs(R=2), routes=2)
+    assert last_backend("cross_selective_scan") == "torch"
+
+
+@in_process
+def test_auto_falls_back_to_torch_for_unsupported_dtypes():
+    args = [None if t is None else t.double() for t in scan_inputs(l=4, n=2)]
+    selective_scan(*args)
+    assert last_backend("selective_scan") == "torch"
+
+
+@in_process
+def test_ops_are_registered_custom_ops_with_fake_and_autograd():
+    args = [None if t is None else t.requires_grad_() for t in scan_inputs(b=1, d=4, l=5, n=2)]
+    res = torch.library.opcheck(torch.ops.visionlin.selective_scan_triton.default, (*args, True))
+    assert set(res.values()) == {"SUCCESS"}
+    cargs = [t.requires_grad_() for t in cross_inputs(b=1, d=2, H=2, W=3, n=2, R=2)]
+    res = torch.library.opcheck(torch.ops.visionlin.cross_selective_scan_triton.default, (*cargs, True, 2))
+    assert set(res.values()) == {"SUCCESS"}
+
+
+# A fresh process (kernels in compiled mode, no GPU needed) runs the real host code with every launch
+# replaced by a compile for Hopper (sm_90: Triton's lowering and ptxas), so shapes, layouts and
+# types that only the interpreter would accept fail here.
+_COMPILE_FOR_HOPPER = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import visionlin.kernels.ssm.scan_triton as st
+
+ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+class CompileOnly:
+    def __init__(self, kernel):
+        self.kernel = kernel
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, **constexprs):
+            names = [p.name for p in self.kernel.params if not p.is_constexpr]
+            sig = {n: ("*" + ELEMENT[a.dtype] if isinstance(a, torch.Tensor)
+                       else "fp32" if isinstance(a, float) else "i32") for n, a in zip(names, args)}
+            sig.update({n: "constexpr" for n in constexprs})
+            src = ASTSource(self.kernel, sig, constexprs=constexprs)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        return launch
+
+for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
+    setattr(st, name, CompileOnly(getattr(st, name)))
+for n, dtype, g in ((16, torch.bfloat16, None), (1, torch.float32, 2), (4, torch.float16, None)):
+    b, d, l = 2, 8, 37
+    u, delta, z = (torch.zeros(b, d, l, dtype=dtype) for _ in range(3))
+    A, D, bias = torch.zeros(d, n), torch.zeros(d), torch.zeros(d)
+    B = torch.zeros((b, n, l) if g is None else (b, g, n, l), dtype=dtype)
+    st._forward(u, delta, A, B, B, D, z, bias, True, 1, False)
+    st._backward(u, torch.zeros(b, d, n), u, delta, A, B, B, D, z, bias, True, 1, False)
+    H, W, R = 3, 5, 4
+    u = torch.zeros(b, d, H, W, dtype=dtype)
+    delta = torch.zeros(b, R, d, H, W, dtype=dtype)
+    Bc = torch.zeros(b, R, n, H, W, dtype=dtype)
+    st._forward(u, delta, torch.zeros(R, d, n), Bc, Bc, None, None, None, False, R, True)
+    st._backward(u, None, u, delta, torch.zeros(R, d, n), Bc, Bc, torch.zeros(R, d), None, torch.zeros(R, d),
+                 True, R, True)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
+    pytest.importorskip("triton")
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)            # compile for real, not from a cache
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+# ------------------------------------------------------------------ process-level checks
+@pytest.mark.skipif(IN_PROCESS or not HAS_TRITON, reason="the Triton tests ran in this process, or cannot run")
+def test_interpreter_suite_in_fresh_process():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
