@@ -12,51 +12,22 @@ after every load, and bfloat16 is only smoke-tested.
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from triton_harness import (DEVICE, HAS_TRITON, ROOT, compile_for_hopper, import_kernels,  # noqa: E402
+                            in_process_marker, interpreter_env, run_in_fresh_process)
 MODULE = "visionlin.kernels.linear_attn.associative_triton"
 
 
-def _import_kernels_for_this_device():
-    """associative_triton with kernels runnable on DEVICE, or None when that is impossible in-process."""
-    if not HAS_TRITON:
-        return None
-    if DEVICE.type == "cuda":
-        return importlib.import_module(MODULE)
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        if type(tl.cumsum).__name__ != "InterpretedFunction":
-            return None                     # triton came in compiled mode before this module
-        module = importlib.import_module(MODULE)
-        if type(module._output_kernel).__name__ != "InterpretedFunction":
-            module = importlib.reload(module)
-        return module
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-associative_triton = _import_kernels_for_this_device()
+associative_triton = import_kernels("visionlin.kernels.linear_attn.associative_triton", "_output_kernel")
 IN_PROCESS = associative_triton is not None
-in_process = pytest.mark.skipif(not IN_PROCESS, reason=(
-    "Triton was imported in compiled mode first; see test_interpreter_suite_in_fresh_process" if HAS_TRITON
-    else "Triton is not installed"))
+in_process = in_process_marker(associative_triton)
 
 from visionlin.kernels import last_backend, linear_attention  # noqa: E402
 from visionlin.kernels.linear_attn import associative_linear_attention, naive_linear_attention  # noqa: E402
@@ -66,8 +37,7 @@ NAMES = ("q", "k", "v", "q_num", "k_num", "key_weight")
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    if DEVICE.type == "cpu" and IN_PROCESS:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_env(monkeypatch, associative_triton)
 
 
 def make_inputs(B=1, Nq=37, N=37, H=2, K=16, V=32, dtype=torch.float32, q_num=False, k_num=False,
@@ -365,24 +335,13 @@ print("compiled")
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    pytest.importorskip("triton")
-    from triton.backends import backends
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)            # compile for real, not from a cache
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    compile_for_hopper(_COMPILE_FOR_HOPPER, tmp_path)
 
 
 # ------------------------------------------------------------------ process-level checks
 @pytest.mark.skipif(IN_PROCESS or not HAS_TRITON, reason="the Triton tests ran in this process, or cannot run")
 def test_interpreter_suite_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_in_fresh_process(__file__)
 
 
 @pytest.mark.slow

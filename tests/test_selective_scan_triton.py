@@ -1,61 +1,22 @@
 """The fused Triton path of selective_scan / cross_selective_scan against the float64 token-serial
 references and the PyTorch path, forward and every gradient.
 
-Without a GPU the kernels run on CPU tensors under Triton's interpreter. Triton 3.8 reads
-TRITON_INTERPRET when a function is decorated with ``@triton.jit``: at ``import triton`` for its own
-library functions and at import of ``scan_triton`` for ours; the dispatcher reads it again on every
-call. So this module imports both with the variable set, puts the variable back as it was (other
-modules see no change), and sets it again only while its own tests run. If Triton was already
-imported in compiled mode by the time this module is collected, its kernels cannot run on CPU in
-this process: the interpreter tests are then skipped here and run in a fresh process.
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (see triton_harness.py).
 bfloat16 arithmetic is wrong in the interpreter; the kernels upcast right after every load, and
 bfloat16 is only smoke-tested.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from triton_harness import (DEVICE, HAS_TRITON, compile_for_hopper, import_kernels,
+                            in_process_marker, interpreter_env, run_in_fresh_process)
 
-
-def _import_kernels_for_this_device():
-    """scan_triton with kernels runnable on DEVICE, or None when that is impossible in-process."""
-    if not HAS_TRITON:
-        return None
-    if DEVICE.type == "cuda":
-        return importlib.import_module("visionlin.kernels.ssm.scan_triton")
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        if type(tl.cumsum).__name__ != "InterpretedFunction":
-            return None                     # triton came in compiled mode before this module
-        module = importlib.import_module("visionlin.kernels.ssm.scan_triton")
-        if type(module._scan_fwd_kernel).__name__ != "InterpretedFunction":
-            module = importlib.reload(module)
-        return module
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-scan_triton = _import_kernels_for_this_device()
+scan_triton = import_kernels("visionlin.kernels.ssm.scan_triton", "_scan_fwd_kernel")
 IN_PROCESS = scan_triton is not None
-in_process = pytest.mark.skipif(not IN_PROCESS, reason=(
-    "Triton was imported in compiled mode first; see test_interpreter_suite_in_fresh_process" if HAS_TRITON
-    else "Triton is not installed"))
+in_process = in_process_marker(scan_triton)
 
 from visionlin.kernels import cross_selective_scan, last_backend, selective_scan  # noqa: E402
 from visionlin.kernels.ssm import naive_cross_selective_scan, naive_selective_scan  # noqa: E402
@@ -64,8 +25,7 @@ from visionlin.kernels.ssm.naive import route_backward, route_forward  # noqa: E
 
 @pytest.fixture(autouse=True)
 def _interpreter_env(monkeypatch):
-    if DEVICE.type == "cpu" and IN_PROCESS:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_env(monkeypatch, scan_triton)
 
 
 def scan_inputs(b=1, d=6, l=17, n=16, gB=None, gC=None, dtype=torch.float32, D=True, z=True, bias=True,
@@ -402,21 +362,10 @@ print("compiled")
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
-    pytest.importorskip("triton")
-    from triton.backends import backends
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)            # compile for real, not from a cache
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=600)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+    compile_for_hopper(_COMPILE_FOR_HOPPER, tmp_path)
 
 
 # ------------------------------------------------------------------ process-level checks
 @pytest.mark.skipif(IN_PROCESS or not HAS_TRITON, reason="the Triton tests ran in this process, or cannot run")
 def test_interpreter_suite_in_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_in_fresh_process(__file__)
