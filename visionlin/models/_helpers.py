@@ -3,19 +3,66 @@ and model creation through timm's builder (pretrained weights from local files o
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.models import build_model_with_cfg
 from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
 from torch import nn
 
 
 class StagedBackbone:
     """timm's stage-level interface shared by the hierarchical families: ``self.stages`` holds modules
-    with a ``grad_checkpointing`` flag after a ``stem``; ``_head_pattern`` names the parameters that
-    group with the last stage (final norm or head projection)."""
+    with a ``grad_checkpointing`` flag after ``_stem(x)``, ``self.norm`` normalises the last stage's
+    output (``nn.Identity`` where the family has no feature norm); ``_native_fmt`` is the stages'
+    layout ('NCHW' or channels-last 'NHWC'); ``_head_pattern`` names the parameters that group with
+    the last stage (final norm or head projection)."""
     _head_pattern: str
+    _native_fmt: str = 'NCHW'
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of the selected stages (NCHW, or the native NHWC), and optionally the final features."""
+        formats = ('NCHW', self._native_fmt) if self._native_fmt != 'NCHW' else ('NCHW',)
+        if output_fmt not in formats:
+            raise ValueError(f"output_fmt must be {' or '.join(repr(f) for f in formats)}, got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self._stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                if output_fmt != self._native_fmt:
+                    y = y.permute(0, 3, 1, 2).contiguous()
+                intermediates.append(y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled, normalised last-stage features in the native layout."""
+        return self.norm(self.stages(self._stem(x)))
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

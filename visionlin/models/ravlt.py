@@ -15,7 +15,7 @@ baseline with ravlt_s's sizes, asked for by users; no weights exist for it.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
@@ -164,6 +164,7 @@ class RAVLT(StagedBackbone, nn.Module):
                 mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init[i], drop_path=dpr[i].tolist()))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
             prev = embed_dims[i]
+        self.norm = nn.Identity()  # no feature norm: the head's BN follows its projection
         self.head = ClassifierHead(self.num_features, head_hidden_size, num_classes, global_pool, drop_rate)
         self.apply(self._init_weights)
 
@@ -189,31 +190,6 @@ class RAVLT(StagedBackbone, nn.Module):
         check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
         return self.stem(x)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the selected stages (NCHW), and optionally the final features. RAVLT has no
-        feature norm (the head's BN follows a projection), so ``norm`` changes nothing."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self._stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -223,10 +199,6 @@ class RAVLT(StagedBackbone, nn.Module):
             self.num_classes = 0
             self.head = ClassifierHead(self.num_features, None, 0, '', self.drop_rate)
         return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled stage-4 features (B, C, H/32, W/32)."""
-        return self.stages(self._stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -216,6 +216,7 @@ class ViGH(PooledLinearHead, StagedBackbone, nn.Module):
     """Hierarchical ViG: stem to stride 4, four stages, LayerNorm, average-pooled head."""
     _pool_dims = (1, 2)  # channels-last map (B, H, W, C)
     _head_pattern = r'^norm'
+    _native_fmt = 'NHWC'
 
     def __init__(
             self,
@@ -267,46 +268,6 @@ class ViGH(PooledLinearHead, StagedBackbone, nn.Module):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
         return self.stem(x).permute(0, 2, 3, 1)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Outputs of the selected stages (NCHW or NHWC), and optionally the final features."""
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self._stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == len(self.stages) - 1 else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled, normalised features, channels-last (B, H/32, W/32, C)."""
-        return self.norm(self.stages(self._stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
