@@ -263,28 +263,10 @@ def test_autocast_reduced_precision_qkv_with_float32_gates():
 # replaced by a compile for Hopper (sm_90: Triton's lowering and ptxas), so shapes, layouts and
 # types that only the interpreter would accept fail here.
 _COMPILE_FOR_HOPPER = r"""
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import visionlin.kernels.gla.chunk_triton as ct
 
-ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-class CompileOnly:
-    def __init__(self, kernel):
-        self.kernel = kernel
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **constexprs):
-            names = [p.name for p in self.kernel.params if not p.is_constexpr]
-            sig = {n: ("*" + ELEMENT[a.dtype] if isinstance(a, torch.Tensor)
-                       else "fp32" if isinstance(a, float) else "i32") for n, a in zip(names, args)}
-            sig.update({n: "constexpr" for n in constexprs})
-            src = ASTSource(self.kernel, sig, constexprs=constexprs)
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        return launch
-
-for name in ("_chunk_states_kernel", "_pass_states_kernel", "_chunk_output_kernel", "_chunk_dqk_kernel"):
-    setattr(ct, name, CompileOnly(getattr(ct, name)))
+compile_only(ct, ("_chunk_states_kernel", "_pass_states_kernel", "_chunk_output_kernel", "_chunk_dqk_kernel"))
 for K, V, dtype in ((32, 64, torch.bfloat16), (128, 16, torch.float32)):
     q, k, g_f, g_b = (torch.zeros(1, 70, 2, K, dtype=dtype) for _ in range(4))
     v = torch.zeros(1, 70, 2, V, dtype=dtype)

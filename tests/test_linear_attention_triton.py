@@ -300,28 +300,10 @@ def test_torch_compile_captures_the_public_op_in_one_graph():
 # replaced by a compile for Hopper (sm_90: Triton's lowering and ptxas), so shapes, layouts and
 # types that only the interpreter would accept fail here.
 _COMPILE_FOR_HOPPER = r"""
-import importlib, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib, torch
 at = importlib.import_module("visionlin.kernels.linear_attn.associative_triton")
 
-ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-class CompileOnly:
-    def __init__(self, kernel):
-        self.kernel = kernel
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **constexprs):
-            names = [p.name for p in self.kernel.params if not p.is_constexpr]
-            sig = {n: ("*" + ELEMENT[a.dtype] if isinstance(a, torch.Tensor)
-                       else "fp32" if isinstance(a, float) else "i32") for n, a in zip(names, args)}
-            sig.update({n: "constexpr" for n in constexprs})
-            src = ASTSource(self.kernel, sig, constexprs=constexprs)
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        return launch
-
-for name in ("_state_kernel", "_output_kernel", "_query_grad_kernel", "_key_grad_kernel"):
-    setattr(at, name, CompileOnly(getattr(at, name)))
+compile_only(at, ("_state_kernel", "_output_kernel", "_query_grad_kernel", "_key_grad_kernel"))
 for K, V, dtype, options in ((64, 64, torch.bfloat16, True), (40, 160, torch.float32, False)):
     q, k = torch.zeros(1, 70, 2, K, dtype=dtype), torch.zeros(1, 90, 2, K, dtype=dtype)
     v = torch.zeros(1, 90, 2, V, dtype=dtype)

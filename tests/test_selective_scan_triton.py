@@ -320,28 +320,10 @@ def test_ops_are_registered_custom_ops_with_fake_and_autograd():
 # replaced by a compile for Hopper (sm_90: Triton's lowering and ptxas), so shapes, layouts and
 # types that only the interpreter would accept fail here.
 _COMPILE_FOR_HOPPER = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 import visionlin.kernels.ssm.scan_triton as st
 
-ELEMENT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-class CompileOnly:
-    def __init__(self, kernel):
-        self.kernel = kernel
-    def __getitem__(self, grid):
-        def launch(*args, num_warps=4, **constexprs):
-            names = [p.name for p in self.kernel.params if not p.is_constexpr]
-            sig = {n: ("*" + ELEMENT[a.dtype] if isinstance(a, torch.Tensor)
-                       else "fp32" if isinstance(a, float) else "i32") for n, a in zip(names, args)}
-            sig.update({n: "constexpr" for n in constexprs})
-            src = ASTSource(self.kernel, sig, constexprs=constexprs)
-            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        return launch
-
-for name in ("_scan_fwd_kernel", "_scan_bwd_kernel"):
-    setattr(st, name, CompileOnly(getattr(st, name)))
+compile_only(st, ("_scan_fwd_kernel", "_scan_bwd_kernel"))
 for n, dtype, g in ((16, torch.bfloat16, None), (1, torch.float32, 2), (4, torch.float16, None)):
     b, d, l = 2, 8, 37
     u, delta, z = (torch.zeros(b, d, l, dtype=dtype) for _ in range(3))
