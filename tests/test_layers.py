@@ -50,3 +50,23 @@ def test_log_sigmoid_gradient_stays_finite_for_very_negative_logits():
     log_sigmoid(x).sum().backward()
     ref = torch.autograd.grad(F.logsigmoid(x).sum(), x)[0]
     torch.testing.assert_close(x.grad, ref)
+
+
+def test_generalized_linear_attention_equals_linfusions_written_out_formula():
+    """q = W_q(x + phi_q(x)), k = W_k(x + phi_k(x)), per-head ELU+1, o = q kv / (q . mean k + 1e-4), kv = K^T V / N."""
+    from visionlin.layers import GeneralizedLinearAttention
+    m = GeneralizedLinearAttention(24, heads=3, feature_dim=6).double()
+    for p in m.parameters():  # the zero-init-free default leaves LayerNorm at identity; randomise everything
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 37, 24, dtype=torch.float64)
+    heads = lambda t: t.unflatten(-1, (3, 8)).transpose(1, 2)  # noqa: E731  (B, H, N, D)
+    phi = lambda mlp, t: mlp[3](F.leaky_relu(mlp[1](mlp[0](t)), 0.01))  # noqa: E731
+    q = F.elu(heads(m.to_q(x + phi(m.to_q_, x)))) + 1
+    k = F.elu(heads(m.to_k(x + phi(m.to_k_, x)))) + 1
+    v = heads(m.to_v(x))
+    o = (q @ (k.transpose(-2, -1) @ v / 37)) / (q @ k.mean(-2, keepdim=True).transpose(-2, -1) + 1e-4)
+    ref = m.to_out[0](o.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(m(x), ref, rtol=1e-10, atol=1e-10)
+    assert [n for n, _ in m.to_q_.named_parameters()] == ["0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"]
+    plain = GeneralizedLinearAttention(24, heads=3, use_feature_mlp=False)
+    assert plain.to_q_ is None and plain(x.float()).shape == (2, 37, 24)

@@ -1,0 +1,1 @@
+"""Linear attention for diffusers pipelines (needs the ``[diffusion]`` extra)."""
