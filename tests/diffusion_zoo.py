@@ -1,6 +1,7 @@
 """Tiny offline diffusers models and pipelines, built from configs (no hub access), for the diffusion tests.
 
-Every builder seeds torch itself, so two calls give identical weights.
+Every builder seeds torch itself, so two calls give identical weights, and returns eval-mode models
+(DiT's class-label dropout would otherwise draw from the global RNG).
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ def tiny_unet(sdxl: bool = False, seed: int = 0) -> UNet2DConditionModel:
         kw.update(addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,
                   transformer_layers_per_block=(1, 2), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    return UNet2DConditionModel(**kw)
+    return UNet2DConditionModel(**kw).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4)
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4).eval()
 
 
 def tiny_tokenizer(tmp: Path):
@@ -70,7 +71,7 @@ def tiny_sd_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
 def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
     torch.manual_seed(seed)
     return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+                                 sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero").eval()
 
 
 def tiny_dit_pipeline(seed: int = 0, transformer=None) -> DiTPipeline:
@@ -85,4 +86,4 @@ def tiny_pixart(seed: int = 0) -> PixArtTransformer2DModel:
     return PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
                                     caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
                                     attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                                    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
+                                    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6).eval()
