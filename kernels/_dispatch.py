@@ -1,8 +1,10 @@
 """Backend selection shared by every operator in ``visionlin.kernels``.
 
-Each operator has a vectorised PyTorch path (runs everywhere, is the CPU path and the oracle the
-tests compare against) and, where written, a fused Triton path. ``auto`` picks Triton for CUDA
-tensors when it is available and the PyTorch path otherwise. A backend can be forced per call
+Each operator has a vectorised PyTorch path (runs everywhere and is the oracle the tests compare
+against) and, where written, a fused Triton path (CUDA) and a compiled CPU path ('cpu', built with
+the system C compiler on first use). ``auto`` picks Triton for CUDA tensors when it is available,
+the compiled CPU path for CPU tensors when the op has one that takes the call and it builds, and
+the PyTorch path otherwise. A backend can be forced per call
 (``backend=``), for a block of code (``with use_backend('torch'):``) or for the process
 (``VISIONLIN_KERNEL_BACKEND=torch``). ``last_backend(op)`` says which path an op took last.
 """
@@ -11,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 _ENV_VAR = "VISIONLIN_KERNEL_BACKEND"
 
 _state = threading.local()
@@ -65,16 +67,24 @@ def requested_backend(backend: Optional[str]) -> str:
 
 
 def resolve_backend(op: str, backend: Optional[str], device: torch.device, has_triton_impl: bool,
-                    triton_supports: bool = True) -> str:
+                    triton_supports: bool = True, cpu_impl: Optional[Callable[[], bool]] = None,
+                    cpu_supports: bool = False) -> str:
     """Decide the path for one call of ``op`` on tensors living on ``device``.
 
-    ``triton_supports`` says whether the Triton path handles this call's shapes and dtypes: 'auto'
-    then falls back to the PyTorch path, while an explicit 'triton' lets the kernel raise its error.
+    ``triton_supports`` / ``cpu_supports`` say whether the fused paths handle this call's shapes and
+    dtypes: 'auto' then falls back to the PyTorch path, while an explicit request lets the kernel
+    raise its error. ``cpu_impl`` is the op's compiled-CPU availability check (None: it has none).
     """
     wanted = requested_backend(backend)
     if wanted == "auto":
         use_triton = has_triton_impl and triton_supports and device.type == "cuda" and triton_available()
-        wanted = "triton" if use_triton else "torch"
+        use_cpu = cpu_impl is not None and cpu_supports and device.type == "cpu" and cpu_impl()
+        wanted = "triton" if use_triton else "cpu" if use_cpu else "torch"
+    elif wanted == "cpu":
+        if cpu_impl is None:
+            raise ValueError(f"{op}: no compiled CPU implementation; use backend='torch'")
+        if device.type != "cpu":
+            raise ValueError(f"{op}: backend='cpu' needs CPU tensors (got {device.type})")
     elif wanted == "triton":
         if not has_triton_impl:
             raise ValueError(f"{op}: no Triton implementation is available; use backend='torch'")
@@ -89,5 +99,5 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device, has_t
 
 
 def last_backend(op: str) -> Optional[str]:
-    """The backend the last call of ``op`` used in this process ('torch' or 'triton'), or None."""
+    """The backend the last call of ``op`` used in this process ('torch', 'triton' or 'cpu'), or None."""
     return _last.get(op)

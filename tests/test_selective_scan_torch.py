@@ -4,9 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visionlin.kernels import cross_selective_scan, last_backend, selective_scan
-from visionlin.kernels.ssm import naive_cross_selective_scan, naive_selective_scan
+from visionlin.kernels import cross_selective_scan, last_backend, selective_scan, use_backend
+from visionlin.kernels.ssm import cpu_kernel_available, naive_cross_selective_scan, naive_selective_scan
 from visionlin.kernels.ssm.naive import route_backward, route_forward
+
+
+@pytest.fixture(autouse=True)
+def _torch_path():
+    """These tests are about the PyTorch path, which 'auto' leaves for the compiled one on CPU."""
+    with use_backend("torch"):
+        yield
 
 
 def scan_inputs(b=2, d=6, l=37, n=16, g=None, dtype=torch.float32, A_scale=1.0, D=True, z=True, bias=True):
@@ -269,11 +276,14 @@ def test_cross_scan_strided_inputs():
 
 # ------------------------------------------------------------------ dispatch and checks
 
-def test_cpu_takes_the_torch_path_and_triton_is_refused_clearly(monkeypatch):
+def test_auto_on_cpu_takes_the_compiled_path_where_it_builds_and_triton_is_refused_clearly(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     args = scan_inputs(l=8)
-    selective_scan(*args)
-    assert last_backend("selective_scan") == "torch"
+    with use_backend("auto"):
+        selective_scan(*args)
+        assert last_backend("selective_scan") == ("cpu" if cpu_kernel_available() else "torch")
+        selective_scan(*[None if t is None else t.double() for t in args])  # float64: the exact PyTorch path
+        assert last_backend("selective_scan") == "torch"
     if not torch.cuda.is_available():
         with pytest.raises((ValueError, RuntimeError), match="^selective_scan: backend='triton'"):
             selective_scan(*args, backend="triton")

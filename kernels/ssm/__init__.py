@@ -11,9 +11,10 @@ layout (real A only). ``cross_selective_scan`` runs R routes over an (H, W) grid
 on the grid (VMamba's CrossMerge). Per-route tensors stay in the spatial layout: the route only sets
 the order in which the tokens are scanned.
 
-Paths: the vectorised PyTorch path (``chunk.py``) and a fused Triton path (``scan_triton.py``, all
-routes in one launch, forward and backward); ``naive.py`` holds the float64 token-serial references
-the tests compare against.
+Paths: the vectorised PyTorch path (``chunk.py``), a fused Triton path (``scan_triton.py``, all
+routes in one launch, forward and backward) and a compiled CPU path (``scan_cpu.py``, a serial
+recurrence in C vectorised over channels; forward compiled, backward by the PyTorch path);
+``naive.py`` holds the float64 token-serial references the tests compare against.
 """
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from .._checks import check_same_device, check_shape, check_tensor
 from .._dispatch import resolve_backend
 from .chunk import chunk_cross_selective_scan, chunk_selective_scan
 from .naive import naive_cross_selective_scan, naive_selective_scan
+from .scan_cpu import cpu_cross_selective_scan, cpu_kernel_available, cpu_selective_scan, cpu_supports
 
 __all__ = ["selective_scan", "cross_selective_scan", "naive_selective_scan", "naive_cross_selective_scan",
-           "chunk_selective_scan", "chunk_cross_selective_scan", "ROUTES"]
+           "chunk_selective_scan", "chunk_cross_selective_scan", "cpu_selective_scan", "cpu_cross_selective_scan",
+           "cpu_kernel_available", "ROUTES"]
 
 ROUTES = (1, 2, 4)
 _HAS_TRITON_IMPL = importlib.util.find_spec(__name__ + ".scan_triton") is not None
@@ -107,7 +110,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         D: optional (d,) skip. z: optional (b, d, l) gate, out *= silu(z). delta_bias: optional (d,).
         delta_softplus: apply softplus to delta (after adding delta_bias).
         return_last_state: also return the state after the last token, (b, d, n).
-        backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'; see ``use_backend``.
+        backend: 'auto' (Triton on CUDA, the compiled CPU path on CPU where it builds, PyTorch otherwise),
+            'torch', 'triton' or 'cpu'; see ``use_backend``.
         u, delta, B, C, z share u's dtype; A, D, delta_bias may also be float32. Any strides.
     Returns:
         out (b, d, l) in u's dtype, computed in float32 (float64 for float64 inputs); with
@@ -116,7 +120,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """
     _validate_scan(u, delta, A, B, C, D, z, delta_bias)
     path = resolve_backend("selective_scan", backend, u.device, _HAS_TRITON_IMPL,
-                           _triton_supports(u, delta, A, B, C, D, z, delta_bias))
+                           _triton_supports(u, delta, A, B, C, D, z, delta_bias), cpu_kernel_available,
+                           cpu_supports(u, delta, A, B, C, D, z, delta_bias))
     if u.numel() == 0:  # an empty batch or no channels
         out = u.new_zeros(u.shape)
         cd = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -124,6 +129,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     if path == "triton":
         from .scan_triton import triton_selective_scan
         return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if path == "cpu":
+        return cpu_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -170,17 +177,20 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         A: (R, d, n). D, delta_bias: optional (R, d). delta_softplus as in ``selective_scan``.
         routes: R in (1, 2, 4). Route 0 scans in raster order (row by row), route 1 column by column,
             routes 2 and 3 are routes 0 and 1 reversed.
-        backend: 'auto' (Triton on CUDA, PyTorch elsewhere), 'torch' or 'triton'.
+        backend: 'auto', 'torch', 'triton' or 'cpu', as for ``selective_scan``.
     Returns:
         y: (b, d, H, W) in u's dtype = sum over routes of selective_scan on the route's token order
         (including D*u per route), each output placed back at its token's grid position.
     """
     _validate_cross(u, delta, A, B, C, D, delta_bias, routes)
     path = resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL,
-                           _triton_supports(u, delta, A, B, C, D, delta_bias))
+                           _triton_supports(u, delta, A, B, C, D, delta_bias), cpu_kernel_available,
+                           cpu_supports(u, delta, A, B, C, D, delta_bias))
     if u.numel() == 0:
         return u.new_zeros(u.shape)
     if path == "triton":
         from .scan_triton import triton_cross_selective_scan
         return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
+    if path == "cpu":
+        return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
     return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)

@@ -59,18 +59,26 @@ class BiMambaMixer(nn.Module):
                 d.D.fill_(1.0)
 
     def _scan(self, d: _Direction, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (B, d_inner, L) in this direction's order -> gated output (B, d_inner, L)."""
-        L = x.shape[-1]
-        x = F.silu(d.conv1d(x)[..., :L])
-        dt, B, C = d.x_proj(x.transpose(1, 2)).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        delta = F.linear(dt, d.dt_proj.weight).transpose(1, 2)
+        """x, z: (B, L, d_inner) in this direction's order -> gated output (B, L, d_inner).
+
+        Token-major throughout: the conv is a sum of shifted slices (no (B, d, L) copies), and the
+        scan reads its inputs as transposed views, which the compiled CPU scan takes in place."""
+        L, K = x.shape[1], d.conv1d.kernel_size[0]
+        w = d.conv1d.weight.squeeze(1)                        # (d_inner, K), causal: pad K-1 on the left
+        xp = F.pad(x, (0, 0, K - 1, 0))
+        xc = torch.addcmul(d.conv1d.bias, xp[:, :L], w[:, 0])
+        for k in range(1, K):
+            xc = xc.addcmul_(xp[:, k:k + L], w[:, k])
+        x = F.silu(xc)
+        dt, B, C = d.x_proj(x).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
+        delta = F.linear(dt, d.dt_proj.weight)
         A = -torch.exp(d.A_log.float())
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), d.D.float(), z=z,
-                              delta_bias=d.dt_proj.bias.float(), delta_softplus=True)
+        y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                           d.D.float(), z=z.transpose(1, 2), delta_bias=d.dt_proj.bias.float(), delta_softplus=True)
+        return y.transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xz = self.in_proj(x).transpose(1, 2)                  # (B, 2 * d_inner, L)
-        x_in, z = xz.chunk(2, dim=1)
+        x_in, z = self.in_proj(x).chunk(2, dim=-1)              # (B, L, d_inner) each
         y = self._scan(self.fwd, x_in, z)
-        y_b = self._scan(self.bwd, x_in.flip(-1), z.flip(-1)).flip(-1)
-        return self.out_proj(((y + y_b) / 2).transpose(1, 2))
+        y_b = self._scan(self.bwd, x_in.flip(1), z.flip(1)).flip(1)
+        return self.out_proj((y + y_b) / 2)

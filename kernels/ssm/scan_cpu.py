@@ -1,0 +1,367 @@
+"""Fused CPU path of the selective scans: a serial recurrence in compiled C, vectorised over channels.
+
+The chunked PyTorch path (``chunk.py``) is bounded by memory traffic: it materialises a dozen
+(b, d, n, l) tensors, ~100 MB each for Vim-T at 1024^2 (l = 4097, d = 384, n = 16). This path keeps
+the (VB channels x n states) state block in registers / L1 and streams each token once:
+
+    for each (batch, block of VB channels), for each route, for each token t in the route's order:
+        a = exp(clamp(delta_t A, +-30)); h = a h + delta_t u_t B_t; y_t += <h, C_t> + D u_t
+
+Inputs are laid out token-major, (b, [R,] l, d), so a channel block is one contiguous vector load;
+routes read tokens by index arithmetic (no flipped / transposed copies). The library is built once
+per machine with the system C compiler (``cc -O3 -march=native -ffast-math``) into
+``~/.cache/visionlin`` (override with ``VISIONLIN_CACHE``) and called through ctypes, which drops the
+GIL, so a small thread pool runs channel blocks in parallel (``torch.get_num_threads()`` workers).
+Where no compiler is available ``auto`` silently keeps the PyTorch path.
+
+Forward only in C: gradients come from the PyTorch path, recomputed in backward (CPU training is
+rare and this keeps one differentiable implementation to trust). float32 compute; 16-bit inputs are
+upcast, float64 inputs stay on the PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan
+
+VB = 16  # channels per block: one AVX-512 vector of float32, two AVX2 vectors
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+#define VB %(VB)d
+#define CLAMP %(CLAMP)ff
+
+/* exp(x) for |x| <= CLAMP: 2^(x log2 e) = 2^i 2^f, f in [-1/2, 1/2]; 2^f by a degree-6 polynomial
+   (least squares on 200 Chebyshev nodes, max relative error 1.8e-8, below float32 rounding), 2^i by
+   exponent bits. Inlines and vectorises, unlike a libm call. */
+static inline float exp_clamped(float x) {
+    const float t = x * 1.4426950408889634f;
+    const float i = floorf(t + 0.5f);
+    const float f = t - i;
+    float p = 1.5469731975e-4f;
+    p = p * f + 1.3400432165e-3f; p = p * f + 9.6180256029e-3f; p = p * f + 5.5503272142e-2f;
+    p = p * f + 2.4022651214e-1f; p = p * f + 6.9314720671e-1f; p = p * f + 1.0f;
+    union { float f; int32_t i; } s;
+    s.i = ((int32_t)i + 127) << 23;
+    return p * s.f;
+}
+
+/* spatial (raster) index of the token scanned at step i of route r on an H x W grid */
+static inline int64_t route_pos(int64_t i, int64_t r, int64_t H, int64_t W, int64_t L) {
+    int64_t j = r >= 2 ? L - 1 - i : i;
+    return (r & 1) ? (j %% H) * W + j / H : j;
+}
+
+/* log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], odd series to s^13 (error < 1e-8) */
+static inline float log1p_unit(float e) {
+    const float s = e / (2.f + e), s2 = s * s;
+    float p = 1.f / 13;
+    p = p * s2 + 1.f / 11; p = p * s2 + 1.f / 9; p = p * s2 + 1.f / 7; p = p * s2 + 1.f / 5; p = p * s2 + 1.f / 3;
+    return 2.f * s * (p * s2 + 1.f);
+}
+
+/* Strides, in elements, of the inputs (st[]): u (b, t, c), delta (b, r, t, c), B (b, r, t, n), C (b, r, t, n),
+   z (b, t, c). Tokens t index the raster (row-major) grid. out is (b, L, d) contiguous. */
+enum { U_B, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T, C_N, Z_B, Z_T, Z_C, N_STRIDES };
+
+/* One block of nv <= VB channels from c0, every route, every token. Its inputs are gathered into
+   VB-wide local arrays (zero padded), so the n-state update is a fixed-width vector loop whatever the
+   input layouts; the state block (n x VB) stays in L1. ``fast`` (a full block, unit channel strides)
+   is a compile-time constant in each inlined copy: its gathers become plain vector loads. */
+static inline __attribute__((always_inline)) void block(const int fast, const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
+                  const float *Cm, const float *D, const float *z, float *out, float *last, float *h,
+                  const int64_t *st, int64_t softplus, int64_t nv, int64_t c0, int64_t d, int64_t n,
+                  int64_t H, int64_t W, int64_t R, int64_t bi) {
+    const int64_t L = H * W;
+    float *Ab = h + n * VB;                                   /* this route's A block, (n, VB) */
+    for (int64_t r = 0; r < R; r++) {
+        const float *ur = u + bi * st[U_B] + c0 * st[U_C];
+        const float *dr = delta + bi * st[D_B] + r * st[D_R] + c0 * st[D_C];
+        const float *Br = Bm + bi * st[B_B] + r * st[B_R], *Cr = Cm + bi * st[C_B] + r * st[C_R];
+        const float *zr = z ? z + bi * st[Z_B] + c0 * st[Z_C] : 0;
+        float Dv[VB], bv[VB];
+        for (int64_t j = 0; j < VB; j++) {
+            Dv[j] = (D && j < nv) ? D[r * d + c0 + j] : 0.f;
+            bv[j] = (bias && j < nv) ? bias[r * d + c0 + j] : 0.f;
+        }
+        for (int64_t k = 0; k < n; k++)                       /* A: (R, n, d) */
+            for (int64_t j = 0; j < VB; j++) Ab[k * VB + j] = j < nv ? A[(r * n + k) * d + c0 + j] : 0.f;
+        for (int64_t k = 0; k < n * VB; k++) h[k] = 0.f;
+        for (int64_t i = 0; i < L; i++) {
+            const int64_t p = route_pos(i, r, H, W, L);
+            const float *dt = dr + p * st[D_T], *ut = ur + p * st[U_T];
+            const float *Bt = Br + p * st[B_T], *Ct = Cr + p * st[C_T];
+            float dtv[VB], uv[VB], du[VB], y[VB];
+            if (fast) {
+                for (int64_t j = 0; j < VB; j++) { uv[j] = ut[j]; dtv[j] = dt[j] + bv[j]; }
+            } else {
+                for (int64_t j = 0; j < VB; j++) {
+                    uv[j] = j < nv ? ut[j * st[U_C]] : 0.f;
+                    dtv[j] = (j < nv ? dt[j * st[D_C]] : 0.f) + bv[j];
+                }
+            }
+            if (softplus)                          /* max(x, 0) + log(1 + exp(-|x|)); padded lanes unused */
+                #pragma omp simd
+                for (int64_t j = 0; j < VB; j++)
+                    dtv[j] = fmaxf(dtv[j], 0.f) + log1p_unit(exp_clamped(fmaxf(-fabsf(dtv[j]), -CLAMP)));
+            for (int64_t j = 0; j < VB; j++) {
+                du[j] = dtv[j] * uv[j];
+                y[j] = Dv[j] * uv[j];
+            }
+            for (int64_t k = 0; k < n; k++) {
+                const float bk = Bt[k * st[B_N]], ck = Ct[k * st[C_N]];
+                const float *restrict Ak = Ab + k * VB;
+                float *restrict hk = h + k * VB;
+                #pragma omp simd
+                for (int64_t j = 0; j < VB; j++) {
+                    const float x = fminf(fmaxf(dtv[j] * Ak[j], -CLAMP), CLAMP);
+                    const float hj = exp_clamped(x) * hk[j] + du[j] * bk;
+                    hk[j] = hj;
+                    y[j] += hj * ck;
+                }
+            }
+            if (z) {                                   /* y *= silu(z) */
+                const float *zt = zr + p * st[Z_T];
+                float zv[VB];
+                if (fast) for (int64_t j = 0; j < VB; j++) zv[j] = zt[j];
+                else for (int64_t j = 0; j < VB; j++) zv[j] = j < nv ? zt[j * st[Z_C]] : 0.f;
+                #pragma omp simd
+                for (int64_t j = 0; j < VB; j++)
+                    y[j] *= zv[j] / (1.f + exp_clamped(fminf(fmaxf(-zv[j], -CLAMP), CLAMP)));
+            }
+            float *restrict o = out + (bi * L + p) * d + c0;    /* the first route stores, the others add */
+            if (r == 0) for (int64_t j = 0; j < nv; j++) o[j] = y[j];
+            else for (int64_t j = 0; j < nv; j++) o[j] += y[j];
+        }
+        if (last)                                            /* last state: (b, d, n), one route */
+            for (int64_t j = 0; j < nv; j++)
+                for (int64_t k = 0; k < n; k++) last[(bi * d + c0 + j) * n + k] = h[k * VB + j];
+    }
+}
+
+/* blocks [blk0, blk1) of the flattened (batch, channel block) range; work holds 2 n VB floats */
+void scan_fwd(const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
+              const float *Cm, const float *D, const float *z, float *out, float *last, float *work,
+              const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t H, int64_t W, int64_t R,
+              int64_t blk0, int64_t blk1) {
+    const int64_t nblk = (d + VB - 1) / VB;
+    for (int64_t q = blk0; q < blk1; q++) {
+        const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
+        if (nv == VB && st[U_C] == 1 && st[D_C] == 1 && (!z || st[Z_C] == 1))
+            block(1, u, delta, bias, A, Bm, Cm, D, z, out, last, work, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+        else
+            block(0, u, delta, bias, A, Bm, Cm, D, z, out, last, work, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_load_error: Optional[str] = None
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("VISIONLIN_CACHE", Path.home() / ".cache" / "visionlin")) / "cpu_kernels"
+
+
+def _machine_tag() -> str:
+    """What -march=native depends on: the architecture and the CPU's feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return platform.machine() + platform.processor() + flags
+
+
+def _build() -> ctypes.CDLL:
+    source = _SOURCE % dict(VB=VB, CLAMP=GATE_CLAMP)
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in ("cc", "gcc", "clang") if shutil.which(c)][:1]
+    if not compiler or shutil.which(compiler[0]) is None:
+        raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}; cc, gcc, clang not on PATH)")
+    key = hashlib.sha256("\0".join([source, *compiler, *_FLAGS, _machine_tag()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"selective_scan_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src = Path(tmp) / "scan.c"
+            src.write_text(source)
+            built = Path(tmp) / target.name
+            proc = subprocess.run([*compiler, *_FLAGS, str(src), "-o", str(built), "-lm"], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{compiler[0]} failed to build the CPU scan kernel:\n{proc.stderr[-2000:]}")
+            os.replace(built, target)  # atomic: concurrent builders never see a half-written library
+    lib = ctypes.CDLL(str(target))
+    lib.scan_fwd.restype = None
+    lib.scan_fwd.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 8
+    return lib
+
+
+def cpu_kernel_available() -> bool:
+    """True when the compiled CPU scan is (or can be) built on this machine; builds it on first call."""
+    global _lib, _load_error
+    with _lock:
+        if _lib is None and _load_error is None:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _load_error = str(e)
+    return _lib is not None
+
+
+def cpu_supports(*tensors: Optional[torch.Tensor]) -> bool:
+    """The compiled path takes CPU tensors in float32/16/bf16 (float64 stays on the exact PyTorch path)."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype != torch.float64) for t in tensors)
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _f32(t: Optional[torch.Tensor], contiguous: bool = False) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    t = t.detach().float()
+    return t.contiguous() if contiguous else t
+
+
+def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_state) -> torch.Tensor:
+    """u (b, L, d), delta (b, R, L, d), B/C (b, R, L, n), z (b, L, d) or None: any strides (read in place);
+    delta_bias (R, d), A (R, n, d), D (R, d): made contiguous. Returns out (b, L, d), contiguous; fills
+    last_state (b, d, n) when given."""
+    global _pool
+    if not cpu_kernel_available():
+        raise RuntimeError(f"the compiled CPU scan is unavailable: {_load_error}")
+    u, delta, B, C, z = (_f32(t) for t in (u, delta, B, C, z))
+    delta_bias, A, D = (_f32(t, contiguous=True) for t in (delta_bias, A, D))
+    b, L, d = u.shape
+    n = A.shape[1]
+    out = torch.empty(b, L, d, dtype=torch.float32)
+    strides = torch.tensor([*u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+                            *(z.stride() if z is not None else (0, 0, 0))], dtype=torch.int64)
+    total = b * -(-d // VB)
+    workers = max(1, min(torch.get_num_threads(), total))
+    works = [torch.empty(2 * n * VB, dtype=torch.float32) for _ in range(workers)]
+    args = [_ptr(t) for t in (u, delta, delta_bias, A, B, C, D, z, out, last_state)]
+
+    def task(w: int) -> None:
+        lo, hi = total * w // workers, total * (w + 1) // workers
+        _lib.scan_fwd(*args, _ptr(works[w]), _ptr(strides), int(delta_softplus), d, n, H, W, R, lo, hi)
+
+    if workers == 1:
+        task(0)
+    else:
+        with _lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="visionlin-scan")
+        list(_pool.map(task, range(workers)))
+    return out
+
+
+def _recompute_grads(ctx, fn, *extra):
+    """Backward of the compiled forward: rerun the PyTorch path with autograd and differentiate it."""
+    inputs = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad)]
+        y = fn(*leaves, *extra)
+        return [t for t in leaves if t is not None and t.requires_grad], leaves, y
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.delta_softplus = delta_softplus
+        b, d, l = u.shape
+        n = A.shape[1]
+        gB = 1 if B.ndim == 3 else B.shape[1]
+        gC = 1 if C.ndim == 3 else C.shape[1]
+        G = gB if gB == gC else d  # B and C with different group counts: per-channel groups
+        dg = d // G
+
+        def group(M, g):  # group g's (b, n, l) B or C as a (b, 1, l, n) view
+            M = M.unsqueeze(1) if M.ndim == 3 else M
+            return M[:, g * M.shape[1] // G].transpose(1, 2).unsqueeze(1)
+
+        tokens = lambda t, cs: None if t is None else t[:, cs].transpose(1, 2)  # noqa: E731  (b, l, dg) views
+        per_channel = lambda t, cs: None if t is None else t[cs].view(1, -1)  # noqa: E731  (1, dg)
+        outs, lasts = [], []
+        for g in range(G):  # groups run on their channel slice (one call when ungrouped)
+            cs = slice(g * dg, (g + 1) * dg)
+            last = torch.zeros(b, dg, n, dtype=torch.float32) if return_last_state else None
+            outs.append(_run(tokens(u, cs), tokens(delta, cs).unsqueeze(1), per_channel(delta_bias, cs), delta_softplus,
+                             A[cs].t().unsqueeze(0), group(B, g), group(C, g), per_channel(D, cs), tokens(z, cs),
+                             1, 1, l, last))
+            lasts.append(last)
+        y = (outs[0] if G == 1 else torch.cat(outs, dim=-1)).transpose(1, 2).to(u.dtype)
+        if return_last_state:  # the last state is an output only (not differentiable on this path)
+            last = lasts[0] if G == 1 else torch.cat(lasts, dim=1)
+            ctx.mark_non_differentiable(last)
+            return y, last
+        return y
+
+    @staticmethod
+    def backward(ctx, gy, *unused):
+        wanted, leaves, y = _recompute_grads(ctx, chunk_selective_scan, ctx.delta_softplus)
+        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
+
+
+class _CrossSelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, routes):
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+        ctx.delta_softplus, ctx.routes = delta_softplus, routes
+        b, d, H, W = u.shape
+        tokens = lambda t: t.flatten(-2).transpose(-1, -2)  # noqa: E731  (..., c, H, W) -> (..., L, c) view
+        o = _run(tokens(u), tokens(delta), delta_bias, delta_softplus, A.transpose(1, 2), tokens(B), tokens(C), D,
+                 None, routes, H, W, None)
+        return o.transpose(1, 2).unflatten(-1, (H, W)).to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        wanted, leaves, y = _recompute_grads(ctx, chunk_cross_selective_scan, ctx.delta_softplus, ctx.routes)
+        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
+
+
+def _check_supported(op: str, *tensors) -> None:
+    if not cpu_supports(*tensors):
+        got = sorted({f"{t.device.type}/{t.dtype}" for t in tensors if t is not None})
+        raise ValueError(f"{op}: backend='cpu' takes CPU tensors in float32, float16 or bfloat16 (it computes in "
+                         f"float32), got {got}; use backend='torch' for float64")
+
+
+def cpu_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """Inputs validated by ``selective_scan``; same returns (last state in float32)."""
+    _check_supported("selective_scan", u, delta, A, B, C, D, z, delta_bias)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4):
+    """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype."""
+    _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias)
+    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)

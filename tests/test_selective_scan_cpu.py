@@ -1,0 +1,173 @@
+"""The compiled CPU path of selective_scan / cross_selective_scan (``backend='cpu'``) against the float64
+token-serial references and the PyTorch path: odd lengths and widths, grouped B/C, every route, strided
+inputs read in place, extreme gates, 16-bit inputs, gradients, threads, dispatch and the build."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from visionlin.kernels import cross_selective_scan, last_backend, selective_scan, use_backend
+from visionlin.kernels.ssm import cpu_kernel_available, naive_cross_selective_scan, naive_selective_scan
+
+from test_selective_scan_torch import cross_inputs, max_rel_error, scan_inputs
+
+pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler to build the CPU scan")
+
+
+@pytest.fixture(autouse=True)
+def _cpu_path():
+    with use_backend("cpu"):
+        yield
+
+
+@pytest.mark.parametrize("l", [1, 2, 17, 65, 300])
+@pytest.mark.parametrize("d,n", [(16, 16), (37, 1), (5, 20)])
+def test_matches_token_serial_reference(l, d, n):
+    args = scan_inputs(d=d, l=l, n=n)
+    for softplus in (False, True):
+        out, last = selective_scan(*args, delta_softplus=softplus, return_last_state=True)
+        assert last_backend("selective_scan") == "cpu"
+        ref, ref_last = naive_selective_scan(*args, delta_softplus=softplus, return_last_state=True)
+        assert max_rel_error(out, ref) < 1e-5 and max_rel_error(last, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("gB,gC", [(2, 2), (3, 1), (6, 6)])
+def test_grouped_B_C(gB, gC):
+    u, delta, A, _, _, D, z, bias = scan_inputs(d=6, l=40)
+    B, C = torch.randn(2, gB, 16, 40), torch.randn(2, gC, 16, 40)
+    out = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    assert max_rel_error(out, naive_selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)) < 1e-5
+
+
+def test_strided_inputs_are_read_in_place_and_match():
+    """Token-major views (Vim's layout), channel-major, and sliced (stride 2) inputs give the same result."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(d=24, l=50)
+    ref = selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True)
+    token_major = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (u, delta, B, C, z)]
+    sliced = [torch.stack([t, torch.zeros_like(t)], -1)[..., 0] for t in (u, delta, B, C, z)]  # last stride 2
+    for tu, td, tB, tC, tz in (token_major, sliced):
+        assert not tu.is_contiguous()
+        torch.testing.assert_close(selective_scan(tu, td, A, tB, tC, D, tz, bias, delta_softplus=True), ref,
+                                   rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("H,W", [(6, 7), (1, 9), (9, 1)])
+def test_cross_scan_matches_reference_for_every_route(R, H, W):
+    u, delta, A, B, C, D, bias = cross_inputs(d=19, H=H, W=W, R=R)
+    out = cross_selective_scan(u, delta, A, B, C, D, bias, routes=R)
+    assert last_backend("cross_selective_scan") == "cpu"
+    assert max_rel_error(out, naive_cross_selective_scan(u, delta, A, B, C, D, bias, routes=R)) < 1e-5
+
+
+def test_cross_scan_channels_last_inputs():
+    u, delta, A, B, C, D, bias = cross_inputs(H=6, W=8)
+    u_cl = u.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    torch.testing.assert_close(cross_selective_scan(u_cl, delta, A, B, C, D, bias),
+                               cross_selective_scan(u, delta, A, B, C, D, bias), rtol=1e-6, atol=1e-6)
+
+
+def test_extreme_gates_match_the_pytorch_path():
+    """Huge steps (decays clamped at exp(-30), as on the PyTorch path), zero steps (state carried) and
+    very negative delta under softplus (step ~ 0) stay finite and agree with the PyTorch path."""
+    u, delta, A, B, C, D, z, bias = scan_inputs(d=8, l=70, A_scale=50.0)
+    delta = delta * 0
+    delta[..., :20] = 1e4
+    delta[..., 40:] = -1e4
+    for softplus in (False, True):
+        d_in = delta.abs() if not softplus else delta
+        out = selective_scan(u, d_in, A, B, C, D, z, None, delta_softplus=softplus)
+        ref = selective_scan(u, d_in, A, B, C, D, z, None, delta_softplus=softplus, backend="torch")
+        assert torch.isfinite(out).all()
+        assert max_rel_error(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_inputs_compute_in_float32(dtype):
+    args = scan_inputs(d=16, l=33, dtype=dtype)
+    out = selective_scan(*args, delta_softplus=True)
+    assert out.dtype == dtype
+    ref = naive_selective_scan(*args, delta_softplus=True)
+    assert max_rel_error(out, ref) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_gradients_equal_the_pytorch_paths():
+    args = [None if t is None else t.clone().requires_grad_() for t in scan_inputs(d=20, l=45, n=4)]
+    gy = torch.randn(2, 20, 45)
+    out = selective_scan(*args, delta_softplus=True)
+    g_cpu = torch.autograd.grad(out, args, gy)
+    with use_backend("torch"):
+        g_ref = torch.autograd.grad(selective_scan(*args, delta_softplus=True), args, gy)
+    for a, b in zip(g_cpu, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cu = [t.clone().requires_grad_() for t in cross_inputs(d=6, H=4, W=5, R=4)]
+    gy = torch.randn(2, 6, 4, 5)
+    g_cpu = torch.autograd.grad(cross_selective_scan(*cu), cu, gy)
+    with use_backend("torch"):
+        g_ref = torch.autograd.grad(cross_selective_scan(*cu), cu, gy)
+    for a, b in zip(g_cpu, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_thread_count_does_not_change_the_result():
+    """Each (batch, channel block) is one thread's work, start to end: no cross-thread reductions."""
+    args = scan_inputs(b=3, d=70, l=90)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = selective_scan(*args, delta_softplus=True)
+        torch.set_num_threads(max(2, threads))
+        many = selective_scan(*args, delta_softplus=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def test_dispatch_auto_picks_cpu_and_explicit_cpu_refuses_what_it_cannot_take():
+    args = scan_inputs(l=8)
+    with use_backend("auto"):
+        selective_scan(*args)
+        assert last_backend("selective_scan") == "cpu"
+        selective_scan(*[None if t is None else t.double() for t in args])
+        assert last_backend("selective_scan") == "torch"
+    with pytest.raises(ValueError, match=r"backend='cpu' takes CPU tensors in float32.*float64"):
+        selective_scan(*[None if t is None else t.double() for t in args])
+    from visionlin.kernels._dispatch import resolve_backend
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        resolve_backend("selective_scan", "cpu", torch.device("cuda"), True, True, cpu_kernel_available, True)
+    with pytest.raises(ValueError, match="no compiled CPU implementation"):
+        resolve_backend("linear_attention", "cpu", torch.device("cpu"), True)
+
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def test_build_is_cached_per_machine_and_a_missing_compiler_falls_back(tmp_path):
+    probe = """
+        import torch
+        from visionlin.kernels import selective_scan, last_backend, use_backend
+        args = [torch.randn(1, 4, 9), torch.rand(1, 4, 9), -torch.rand(4, 2), torch.randn(1, 2, 9), torch.randn(1, 2, 9)]
+        selective_scan(*args)
+        print(last_backend("selective_scan"))
+        try:
+            with use_backend("cpu"):
+                selective_scan(*args)
+        except RuntimeError as e:
+            print("error:", e)
+    """
+    built = _run_python(probe, {"VISIONLIN_CACHE": str(tmp_path)})
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.splitlines()[0] == "cpu"
+    libs = list((tmp_path / "cpu_kernels").glob("selective_scan_*.so"))
+    assert len(libs) == 1 and not list((tmp_path / "cpu_kernels").glob("tmp*"))  # no build leftovers
+    again = _run_python(probe, {"VISIONLIN_CACHE": str(tmp_path)})
+    assert again.stdout.splitlines()[0] == "cpu" and list((tmp_path / "cpu_kernels").glob("*.so")) == libs
+    missing = _run_python(probe, {"VISIONLIN_CACHE": str(tmp_path / "other"), "CC": "/nonexistent/cc"})
+    assert missing.returncode == 0, missing.stderr
+    first, second = missing.stdout.splitlines()[:2]
+    assert first == "torch" and "no C compiler found" in second and "/nonexistent/cc" in second
