@@ -32,3 +32,14 @@ def test_ravlt_counts_rala_linearly_and_its_softmax_stages_quadratically():
     official = count_flops.build("ravlt_s", 224)
     small, large = (count_flops.count_macs(official, r)["mixer"] for r in (224, 448))
     assert large > 8 * small         # stages 3-4 (softmax) dominate and grow with N^2
+
+
+def test_selective_scans_are_counted_per_route_state_and_token():
+    vim = count_flops.count_macs(count_flops.build("vim_t", 224), 224)
+    L = 14 * 14 + 1  # patches + the middle class token
+    assert vim["mixer"] == pytest.approx(24 * 2 * L * 384 * (2 * 16 + 4) / 1e9)  # 2 directions, conv k4
+    vmamba = count_flops.build("vmamba_t", 224)
+    small, large = (count_flops.count_macs(vmamba, r)["mixer"] for r in (224, 448))
+    stages = [(56, 96, 2), (28, 192, 2), (14, 384, 8), (7, 768, 2)]  # side, d_inner (ssm_ratio 1), depth
+    assert small == pytest.approx(sum(depth * 4 * 2 * s * s * d * 1 for s, d, depth in stages) / 1e9)
+    assert large == pytest.approx(4 * small)

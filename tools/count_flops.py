@@ -9,7 +9,11 @@ the model's cost:
     state update k^T v and a read-out q h, so 2 directions * 2 * N * H * K * V per layer;
   * RAVLT's mixers (visionlin ``RankAugmentedAttention``): RALA per head k^T v and q S (2 N d^2) plus
     the key mean, the denominators and the alpha logits (3 N d), so N * C * (2 d + 3) per layer;
-    the softmax sibling Q K^T and A V, 2 * N^2 * C per layer.
+    the softmax sibling Q K^T and A V, 2 * N^2 * C per layer;
+  * selective scans (Vim's ``BiMambaMixer``, VMamba's ``SS2D``): the recurrent form, per route and
+    per (channel, state, token) a state update (delta B u) and a read-out (C x), so
+    routes * 2 * L * d_inner * d_state; plus Vim's causal depthwise conv1d, which runs as shifted
+    multiply-adds (2 directions * L * d_inner * 4).
 Elementwise work (norms, activations, gates) is not counted, as in the papers' tables.
 
     python tools/count_flops.py --models vig_t deit_tiny_patch16_224 --resolutions 224 1024
@@ -25,9 +29,10 @@ from timm.models.vision_transformer import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 import visionlin  # noqa: F401  (registers the models)
-from visionlin.layers import BidirectionalGLA2d, RankAugmentedAttention
+from visionlin.layers import SS2D, BidirectionalGLA2d, BiMambaMixer, RankAugmentedAttention
 
 _COUNTED_OPS = ("aten.mm", "aten.addmm", "aten.convolution")
+_MIXERS = (BidirectionalGLA2d, RankAugmentedAttention, BiMambaMixer, SS2D, Attention)
 
 
 def _mixer_macs(module, inputs, output, totals: Dict[str, float]) -> None:
@@ -39,6 +44,13 @@ def _mixer_macs(module, inputs, output, totals: Dict[str, float]) -> None:
         B, C, H, W = x.shape
         N = H * W
         totals["mixer"] += B * N * C * (2 * module.head_dim + 3) if module.linear else B * 2 * N * N * C
+    elif isinstance(module, BiMambaMixer):
+        B, L, _ = x.shape
+        conv = module.fwd.conv1d.kernel_size[0]
+        totals["mixer"] += B * 2 * L * module.d_inner * (2 * module.d_state + conv)
+    elif isinstance(module, SS2D):
+        B, _, H, W = x.shape
+        totals["mixer"] += B * module.routes * 2 * H * W * module.d_inner * module.d_state
     else:  # timm Attention on (B, N, D)
         B, N, D = x.shape
         totals["mixer"] += B * 2 * N * N * D
@@ -48,7 +60,7 @@ def count_macs(model: torch.nn.Module, resolution: int, in_chans: int = 3) -> Di
     """GMACs of one image at resolution x resolution: {'layers', 'mixer', 'total'}."""
     totals = {"mixer": 0.0}
     hooks = [m.register_forward_hook(lambda mod, i, o: _mixer_macs(mod, i, o, totals))
-             for m in model.modules() if isinstance(m, (BidirectionalGLA2d, RankAugmentedAttention, Attention))]
+             for m in model.modules() if isinstance(m, _MIXERS)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model.eval()(torch.zeros(1, in_chans, resolution, resolution))
