@@ -15,7 +15,8 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,  # noqa: E402
-                       PixArtTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel)
+                       DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 
 TEXT_DIM = 32
 
@@ -51,12 +52,13 @@ def tiny_tokenizer(tmp: Path):
     return CLIPTokenizer.from_pretrained(tmp, model_max_length=16)
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(vocab_size: int, seed: int = 0, hidden: int = TEXT_DIM, projection: bool = False):
+    """A CLIP text encoder; ``projection``: with the pooled-output projection (SDXL's second encoder)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          vocab_size=vocab_size, max_position_embeddings=16, projection_dim=TEXT_DIM)
-    return CLIPTextModel(cfg).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
 
 
 def tiny_sd_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
@@ -64,6 +66,18 @@ def tiny_sd_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tok), seed), tokenizer=tok,
                                    unet=tiny_unet(seed=seed), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL's layout: two text encoders whose penultimate states are concatenated (TEXT_DIM in all) and whose
+    second one's pooled projection conditions the UNet with the size/crop time ids."""
+    tok = tiny_tokenizer(Path(tmp) / "tokenizer")
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(seed), text_encoder=tiny_text_encoder(len(tok), seed, TEXT_DIM // 2),
+                                     text_encoder_2=tiny_text_encoder(len(tok), seed + 1, TEXT_DIM // 2, projection=True),
+                                     tokenizer=tok, tokenizer_2=tok, unet=tiny_unet(sdxl=True, seed=seed),
+                                     scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -87,3 +101,33 @@ def tiny_pixart(seed: int = 0) -> PixArtTransformer2DModel:
                                     caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8,
                                     attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
                                     norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6).eval()
+
+
+def tiny_t5_tokenizer():
+    """A T5TokenizerFast on a hand-written unigram vocabulary (pieces of a few words, then single letters)."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581a", "\u2581cat", "\u2581dog", "\u2581and", "\u2581", *string.ascii_lowercase]
+    model = models.Unigram([(p, 0.0 if i < 3 else -1.0 - 0.01 * i) for i, p in enumerate(pieces)], unk_id=2)
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=64)
+
+
+def tiny_t5_encoder(vocab_size: int, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+
+
+def tiny_pixart_pipeline(seed: int = 0) -> PixArtAlphaPipeline:
+    tok = tiny_t5_tokenizer()
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=tiny_t5_encoder(len(tok), seed), vae=tiny_vae(seed),
+                               transformer=tiny_pixart(seed), scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusion_zoo import (tiny_dit, tiny_dit_pipeline, tiny_sd_pipeline, tiny_text_encoder,  # skips without diffusers
-                           tiny_tokenizer, tiny_unet, tiny_vae)
+from diffusion_zoo import (tiny_dit, tiny_dit_pipeline, tiny_pixart_pipeline,  # skips without diffusers
+                           tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_vae)
 
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline,  # noqa: E402
-                       StableDiffusionXLPipeline)
+from diffusers import (DDIMScheduler, DDPMPipeline, DDPMScheduler, DiffusionPipeline, DiTPipeline,  # noqa: E402
+                       UNet2DModel)
 from safetensors.torch import load_file  # noqa: E402
 from zoo import load_tool  # noqa: E402
 
@@ -58,6 +58,20 @@ def sd_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("sd")
     tiny_sd_pipeline(folder / "tokenizer-src").save_pretrained(folder / "pipe")
     return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sdxl")
+    tiny_sdxl_pipeline(folder / "tokenizer-src").save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pixart") / "pipe"
+    tiny_pixart_pipeline().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -180,16 +194,65 @@ def test_dit_distillation_takes_class_ids_and_label_names_and_continues_from_wei
     assert log_rows(again)[0]["eval_mse"] == log_rows(out)[-1]["eval_mse"]  # the same student on the same batch
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "pixart"])
+def test_the_student_is_conditioned_as_the_pipeline_conditions_its_denoiser(family, sd_dir, sdxl_dir, pixart_dir):
+    """Text embeddings, SDXL's pooled embedding and time ids, PixArt's attention mask: what the pipeline itself feeds
+    its denoiser (no CFG, at the training resolution)."""
+    pipeline = {"sd": sd_dir, "sdxl": sdxl_dir, "pixart": pixart_dir}[family]
+    pipe = DiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    denoiser = pipe.unet if family != "pixart" else pipe.transformer
+    fed = []
+    denoiser.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs), with_kwargs=True)
+    captions = ["a cat", "a dog and a cat"]
+    distill.run_pipeline(pipe, family, captions, height=24, width=24, steps=2, guidance_scale=1.0,
+                         generator=torch.Generator().manual_seed(0), output_type="latent")
+    ours = distill.text_conditioning(pipe, family, captions, 24, torch.device("cpu"))
+    expected = {"sd": {"encoder_hidden_states"}, "sdxl": {"encoder_hidden_states", "added_cond_kwargs"},
+                "pixart": {"encoder_hidden_states", "encoder_attention_mask", "added_cond_kwargs"}}[family]
+    assert set(ours) == expected
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a is b is None or torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # the same ops, up to kernel choice
+
+    for key in expected:
+        assert same(ours[key], fed[0][key]), key
+    if family == "sdxl":
+        assert ours["added_cond_kwargs"]["time_ids"].tolist() == [[24, 24, 0, 0, 24, 24]] * 2
+
+
+@pytest.mark.parametrize("family, source", [("sdxl", "prompts"), ("pixart", "prompts"), ("pixart", "images")])
+def test_sdxl_and_pixart_students_distil_and_load(family, source, sdxl_dir, pixart_dir, prompts_file, tmp_path):
+    pipeline = sdxl_dir if family == "sdxl" else pixart_dir
+    data = (["--prompts", str(prompts_file)] if source == "prompts" else
+            ["--data", str(image_folder(tmp_path / "images", ["a cat", "a dog", "cat", "dog", "a cat", "a dog"]))])
+    out = run_distill(pipeline, tmp_path / "run", *data, "--max-steps", "2", "--batch-size", "2", "--resolution",
+                      "16", "--eval-every", "1", "--eval-size", "2", "--sample-every", "2", "--num-samples", "2",
+                      "--caption-dropout", "0.5")
+    rows = log_rows(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["eval_mse"] > 0 for r in rows)
+    assert all(r["loss_teacher"] > 0 and r["loss_attention"] > 0 for r in rows[1:])
+    assert Image.open(out / "samples" / "step_00000002.png").size == (32, 16)
+    if source == "prompts":
+        assert load_file(str(out / distill.TEACHER_CACHE))["train"].shape == (len(PROMPTS), 4, 8, 8)
+    pipe, handle = student_loads_into(pipeline, out / "student.safetensors")
+    assert len(handle.layers) == (8 if family == "sdxl" else 2)
+    denoiser = pipe.unet if family == "sdxl" else pipe.transformer
+    for name in handle.layers:  # trained: the teacher-initialised projections moved
+        assert not torch.equal(handle.processors[name].attention.to_q.weight,
+                               denoiser.get_submodule(name).to_q.weight)
+
+
 @pytest.mark.parametrize("family", ["sd", "dit"])
 def test_caption_dropout_trains_on_the_empty_caption_or_null_class(family, sd_dir, dit_dir, prompts_file, tmp_path,
                                                                     monkeypatch):
     seen, conditioning = [], distill.Distiller.conditioning
 
     def spy(self, conditions, drop):
-        null = (self.pipe.encode_prompt([""] * len(drop), self.device, 1, False)[0] if family == "sd"
-                else torch.full((len(drop),), 1000))
-        got = conditioning(self, conditions, drop)
-        seen.append(torch.equal(got, null))
+        null, got = (self.pipe.encode_prompt([""] * len(drop), self.device, 1, False)[0] if family == "sd"
+                     else torch.full((len(drop),), 1000)), conditioning(self, conditions, drop)
+        seen.append(torch.equal(got["encoder_hidden_states" if family == "sd" else "class_labels"], null))
         return got
 
     monkeypatch.setattr(distill.Distiller, "conditioning", spy)
@@ -361,15 +424,12 @@ def test_a_failed_checkpoint_save_leaves_no_half_written_checkpoint(dit_dir, tmp
 
 # ---------------------------------------------------------------- distill: bad inputs
 
-def sdxl_dir(tmp_path: Path) -> Path:
-    from transformers import CLIPTextModelWithProjection
-    tokenizer = tiny_tokenizer(tmp_path / "tokenizer-src")
-    encoder = tiny_text_encoder(len(tokenizer))
-    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer, tokenizer_2=tokenizer,
-                                     text_encoder_2=CLIPTextModelWithProjection(encoder.config),
-                                     unet=tiny_unet(sdxl=True), scheduler=DDIMScheduler())
-    pipe.save_pretrained(tmp_path / "sdxl")
-    return tmp_path / "sdxl"
+def unconditional_dir(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, block_out_channels=(32, 32), down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2, norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    return tmp_path / "ddpm"
 
 
 def broken_folder(tmp_path: Path, case: str) -> Path:
@@ -416,7 +476,8 @@ def test_bad_pipelines_options_and_sizes_are_refused_naming_them(sd_dir, prompts
         ((lindit_dir(tmp_path), *prompts), "transformer is a LinDiTTransformer2DModel, not a DiTTransformer2DModel"),
         ((tmp_path, *prompts), "is not a diffusers pipeline folder"),
         ((tmp_path / "missing", *prompts), "does not exist"),
-        ((sdxl_dir(tmp_path), *prompts), "does not support StableDiffusionXLPipeline"),
+        ((unconditional_dir(tmp_path), *prompts), "does not support DDPMPipeline pipelines; supported: "
+                                                   "StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtAlpha"),
         ((sd_dir, *prompts, "--resolution", "20"), "--resolution 20 is not a multiple of 8"),
         ((sd_dir, "--prompts", str(tmp_path / "nope.txt")), "--prompts .*nope.txt is not a file"),
         ((sd_dir, *prompts, "--resume", str(tmp_path)), "is not a checkpoint folder"),
@@ -475,6 +536,21 @@ def test_generate_sd_with_a_student_at_a_non_default_size(sd_dir, tmp_path):
     assert np.array_equal(np.array(Image.open(again[0])), np.array(Image.open(paths[2])))
     teacher = run_generate(sd_dir, tmp_path / "teacher", "--prompt", "a dog!", "--seed", "7", *size)
     assert not np.array_equal(np.array(Image.open(teacher[0])), np.array(Image.open(paths[2])))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart"])
+def test_generate_sdxl_and_pixart_with_a_student_at_a_non_square_size(family, sdxl_dir, pixart_dir, tmp_path):
+    pipeline = sdxl_dir if family == "sdxl" else pixart_dir
+    weights = student_file(pipeline, tmp_path)
+    size = ["--height", "32", "--width", "48"]
+    paths = run_generate(pipeline, tmp_path / "out", "--weights", str(weights), "--prompt", "a cat", "--seed", "3",
+                         *size)
+    assert [p.name for p in paths] == ["000_a-cat_seed3_48x32.png"] and Image.open(paths[0]).size == (48, 32)
+    teacher = run_generate(pipeline, tmp_path / "teacher", "--prompt", "a cat", "--seed", "3", *size)
+    assert not np.array_equal(np.array(Image.open(teacher[0])), np.array(Image.open(paths[0])))
+    bad, why = ("44", "8 .the VAE factor, and UNet") if family == "sdxl" else ("42", "4 .the VAE factor x the patch")
+    with pytest.raises(SystemExit, match=f"--width {bad}: sizes must be positive multiples of {why}"):
+        generate.main(["--pipeline", str(pipeline), "--prompt", "a cat", "--width", bad, "--out", str(tmp_path / "bad")])
 
 
 def test_generate_dit_classes_by_id_and_name_at_a_larger_size(dit_dir, tmp_path):

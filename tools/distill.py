@@ -4,6 +4,9 @@
     python tools/distill.py --pipeline sd-2-1/ --data laion_aesthetic/ --output-dir runs/linfusion_sd21 \\
         --resolution 768 --batch-size 6 --gradient-accumulation-steps 2 --mixed-precision bf16
     python tools/distill.py --pipeline sd-1-5/ --prompts prompts.txt --output-dir runs/sd15 --teacher-steps 25
+    python tools/distill.py --pipeline sdxl-base-1.0/ --prompts prompts.txt --output-dir runs/sdxl --feature-dim d/16 \\
+        --resolution 1024 --mixed-precision bf16
+    python tools/distill.py --pipeline pixart-alpha-512/ --data captioned_images/ --output-dir runs/pixart
     python tools/distill.py --pipeline dit-xl-2-256/ --prompts classes.txt --output-dir runs/dit   # class ids/names
     python tools/distill.py ... --resume                      # continue from the latest checkpoint in --output-dir
     accelerate launch --num-processes 8 tools/distill.py ... --mixed-precision bf16      # 8 GPUs (DDP)
@@ -11,13 +14,16 @@
 Student and teacher come from one local pipeline folder (written by ``pipe.save_pretrained``; nothing is
 downloaded). The student is its denoiser with LinFusion attention on every self-attention layer
 (``visionlin.diffusion.linearize``); only those weights train. The teacher is an untouched, frozen copy.
-Supported: StableDiffusionPipeline (SD 1.x / 2.x UNets) and DiTPipeline with a DiTTransformer2DModel (class
-labels instead of captions). Other pipelines (SDXL, ...) are refused with their class named.
+Supported: StableDiffusionPipeline (SD 1.x / 2.x UNets), StableDiffusionXLPipeline (conditioned as SDXL's own
+training does: both text encoders, the pooled embedding, and size/crop time ids of the uncropped square training
+image), PixArtAlphaPipeline / PixArtSigmaPipeline (T5 captions with their attention mask, used as given), and
+DiTPipeline with a DiTTransformer2DModel (class labels instead of captions). Other pipelines are refused with
+their class named.
 
 Loss (LinFusion's): MSE(student, target) + 0.5 MSE(student, teacher) + 0.5 x the mean over self-attention layers
 of MSE(student layer output, teacher layer output), at timesteps uniform in [0, num_train_timesteps) and with
-target eps or v as the scheduler's prediction_type says. A DiT predicts eps and a learned variance: the target
-term takes its eps channels, the teacher term the whole output (LiT's hybrid distillation).
+target eps or v as the scheduler's prediction_type says. DiT and PixArt predict eps and a learned variance: the
+target term takes the eps channels, the teacher term the whole output (LiT's hybrid distillation).
 
 Data, exactly one of:
   --data DIR      images (.png .jpg .jpeg .webp .bmp; sub-folders too) with captions in DIR/metadata.jsonl, one
@@ -47,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import inspect
 import json
 import os
 import re
@@ -62,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, gather_object
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -72,9 +79,9 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from visionlin.diffusion import LinearizedAttention, linearize
-from visionlin.diffusion.tools_common import (DEFAULT_GUIDANCE, InputError, atomic_write, class_id, denoiser_name,
-                                              image_grid, load_pipeline, native_size, pipeline_family, run_pipeline,
-                                              save_png, size_multiple)
+from visionlin.diffusion.tools_common import (FAMILIES, InputError, atomic_write, class_id, image_grid,
+                                              load_pipeline, native_size, pipeline_family, run_pipeline, save_png,
+                                              size_multiple)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
@@ -87,8 +94,10 @@ STUDENT_FILE, STATE_FILE = "student.safetensors", "training_state.pt"
 RUN_KEYS = ("pipeline", "data", "prompts", "resolution", "samples_per_prompt", "teacher_steps", "guidance_scale",
             "eval_size", "caption_dropout", "batch_size", "gradient_accumulation_steps", "seed", "num_processes",
             "feature_dim", "lr", "weight_decay", "lr_warmup_steps")
-TEACHERS = {"sd": UNet2DConditionModel, "dit": DiTTransformer2DModel}  # denoiser class by pipeline family
-Condition = Union[str, int]  # a caption (SD) or a class id (DiT)
+# the denoiser class with softmax self-attention, by pipeline family
+TEACHERS = {"sd": UNet2DConditionModel, "sdxl": UNet2DConditionModel, "pixart": PixArtTransformer2DModel,
+            "dit": DiTTransformer2DModel}
+Condition = Union[str, int]  # a caption or a class id (DiT)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -138,8 +147,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="training image side in pixels (default: the denoiser's sample_size x the VAE factor)")
     d.add_argument("--samples-per-prompt", type=positive_int, default=1, help="--prompts: teacher samples per prompt")
     d.add_argument("--teacher-steps", type=positive_int, default=25, help="--prompts: teacher sampling steps")
-    d.add_argument("--guidance-scale", type=float,
-                   help="CFG scale of teacher samples and sample grids (default: 7.5 for SD, 4.0 for DiT)")
+    d.add_argument("--guidance-scale", type=float, help="CFG scale of teacher samples and sample grids (default: the "
+                                                        "pipeline's own: 7.5 SD, 5.0 SDXL, 4.5 PixArt, 4.0 DiT)")
     d.add_argument("--caption-dropout", type=probability, default=0.0,
                    help="probability of training on the empty caption (DiT: the null class) instead")
     d.add_argument("--eval-size", type=positive_int, default=4, help="held-out evaluation batch size")
@@ -283,10 +292,31 @@ def recorded_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[st
             hook.remove()
 
 
+def text_conditioning(pipe, family: str, captions: Sequence[str], size: int, device) -> dict:
+    """The denoiser's keyword inputs for ``captions`` on square ``size`` px images, as its pipeline makes them."""
+    if family == "sd":
+        return {"encoder_hidden_states": pipe.encode_prompt(list(captions), device, 1, False)[0]}
+    if family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(list(captions), device=device, do_classifier_free_guidance=False)
+        # SDXL's micro-conditioning: original size, crop top-left, target size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype, device=device)
+        return {"encoder_hidden_states": embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(len(captions), -1)}}
+    length = inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+    embeds, mask, _, _ = pipe.encode_prompt(list(captions), do_classifier_free_guidance=False, device=device,
+                                            clean_caption=False, max_sequence_length=length)
+    added = {"resolution": None, "aspect_ratio": None}
+    if pipe.transformer.use_additional_conditions:  # PixArt-alpha 1024: size and aspect-ratio embeddings
+        resolution = torch.tensor([[size, size]], dtype=embeds.dtype, device=device)
+        added = {"resolution": resolution.expand(len(captions), -1),
+                 "aspect_ratio": torch.ones(len(captions), 1, dtype=embeds.dtype, device=device)}
+    return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask, "added_cond_kwargs": added}
+
+
 class EvalBatch(NamedTuple):
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    conditioning: torch.Tensor
+    conditioning: dict
 
 
 class Distiller:
@@ -303,21 +333,21 @@ class Distiller:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.num_timesteps = self.noise_scheduler.config.num_train_timesteps
 
-    def conditioning(self, conditions: Union[Sequence[str], torch.Tensor], drop: torch.Tensor) -> torch.Tensor:
-        """Text embeddings (SD) or class ids (DiT); ``drop`` picks the ones replaced by the empty/null condition."""
+    def conditioning(self, conditions: Union[Sequence[str], torch.Tensor], drop: torch.Tensor) -> dict:
+        """The denoiser's conditioning inputs (text embeddings and what goes with them, or DiT's class ids);
+        ``drop`` picks the conditions replaced by the empty caption / null class."""
         drop = drop.tolist()
-        if self.family == "sd":
-            captions = ["" if dropped else caption for caption, dropped in zip(conditions, drop)]
-            with torch.no_grad():
-                return self.pipe.encode_prompt(captions, self.device, 1, False)[0]
-        null = self.teacher.config.num_embeds_ada_norm
-        return torch.tensor([null if dropped else int(c) for c, dropped in zip(conditions, drop)], device=self.device)
+        if self.family == "dit":
+            null = self.teacher.config.num_embeds_ada_norm
+            return {"class_labels": torch.tensor([null if dropped else int(c) for c, dropped in zip(conditions, drop)],
+                                                 device=self.device)}
+        captions = ["" if dropped else caption for caption, dropped in zip(conditions, drop)]
+        with torch.no_grad():
+            return text_conditioning(self.pipe, self.family, captions, self.args.resolution, self.device)
 
-    def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
-                conditioning: torch.Tensor) -> torch.Tensor:
-        if self.family == "sd":
-            return model(noisy, timesteps, encoder_hidden_states=conditioning).sample
-        return model(noisy, timestep=timesteps, class_labels=conditioning).sample
+    @staticmethod
+    def denoise(model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        return model(noisy, timestep=timesteps, **conditioning).sample
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, sample: bool) -> torch.Tensor:
@@ -401,7 +431,8 @@ def teacher_latents(accelerator: Accelerator, pipe, family: str, conditions: Seq
             with accelerator.autocast():
                 out = run_pipeline(pipe, family, [conditions[i] for i in batch], height=args.resolution,
                                    width=args.resolution, steps=args.teacher_steps,
-                                   guidance_scale=args.guidance_scale, output_type="latent" if family == "sd" else "pt",
+                                   guidance_scale=args.guidance_scale,
+                                   output_type="pt" if family == "dit" else "latent",
                                    generator=[torch.Generator().manual_seed(seeds[i]) for i in batch])
                 if family == "dit":
                     vae = pipe.vae
@@ -559,9 +590,10 @@ def plot_log(log: Path, png: Path, title: str) -> None:
 def check_pipeline(pipe, args: argparse.Namespace) -> str:
     """The pipeline's family, after checking what distillation needs of it; fills in the size and CFG defaults."""
     family = pipeline_family(pipe, "distill.py")
-    denoiser = getattr(pipe, denoiser_name(family))
+    name = FAMILIES[family].denoiser
+    denoiser = getattr(pipe, name)
     if not isinstance(denoiser, TEACHERS[family]):
-        raise InputError(f"the pipeline's {denoiser_name(family)} is a {type(denoiser).__name__}, not a "
+        raise InputError(f"the pipeline's {name} is a {type(denoiser).__name__}, not a "
                          f"{TEACHERS[family].__name__} with softmax self-attention to distil from")
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
@@ -572,11 +604,12 @@ def check_pipeline(pipe, args: argparse.Namespace) -> str:
     multiple = size_multiple(pipe, family)
     if args.resolution % multiple:
         raise InputError(f"--resolution {args.resolution} is not a multiple of {multiple} (the VAE factor"
-                         f"{' x patch size' if family == 'dit' else ' and 8'} of this pipeline)")
+                         f"{' x patch size' if FAMILIES[family].denoiser == 'transformer' else ' and 8'} of this "
+                         "pipeline)")
     if family == "dit" and args.prompts and args.resolution != native:
         raise InputError(f"--resolution {args.resolution}: DiTPipeline samples only at its transformer's size, "
                          f"{native} px, so teacher samples (--prompts) are that size")
-    args.guidance_scale = DEFAULT_GUIDANCE[family] if args.guidance_scale is None else args.guidance_scale
+    args.guidance_scale = FAMILIES[family].guidance if args.guidance_scale is None else args.guidance_scale
     return family
 
 
@@ -595,7 +628,7 @@ class TrainingData(NamedTuple):
 def training_data(accelerator: Accelerator, pipe, family: str, out: Path, args: argparse.Namespace) -> TrainingData:
     """The image folder (less --eval-size held-out images) or the teacher's samples of the prompts."""
     def conditions_of(texts: Sequence[str]) -> list[Condition]:
-        return list(texts) if family == "sd" else [class_id(pipe, text) for text in texts]
+        return list(texts) if FAMILIES[family].takes_prompts else [class_id(pipe, text) for text in texts]
 
     if args.data:
         pairs = read_image_folder(Path(args.data))
@@ -658,11 +691,12 @@ def distill(args: argparse.Namespace) -> Path:
     resume_from = checkpoint_to_resume(accelerator, out, args.resume)
     pipe = load_pipeline(args.pipeline, drop_safety_checker=True)
     family = check_pipeline(pipe, args)
-    denoiser = getattr(pipe, denoiser_name(family))
+    denoiser = getattr(pipe, FAMILIES[family].denoiser)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    for model in [pipe.vae, denoiser] + ([pipe.text_encoder] if family == "sd" else []):
+    frozen = [pipe.vae, *(getattr(pipe, name) for name in FAMILIES[family].text_encoders)]
+    for model in [*frozen, denoiser]:
         model.requires_grad_(False).to(device)
-    for model in [pipe.vae] + ([pipe.text_encoder] if family == "sd" else []):
+    for model in frozen:
         cast(model, weight_dtype)
 
     # the data and the teacher's grid come from the pipeline before it is linearized

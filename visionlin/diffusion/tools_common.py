@@ -1,5 +1,6 @@
 """What ``tools/distill.py`` and ``tools/generate.py`` share: loading a local pipeline folder, telling the supported
-pipeline families apart, image sizes, DiT class labels, calling a pipeline, and writing PNGs atomically."""
+pipeline families apart (SD 1.x / 2.x, SDXL, PixArt-alpha / -Sigma, DiT), image sizes, DiT class labels, calling a
+pipeline, and writing PNGs atomically."""
 from __future__ import annotations
 
 import json
@@ -8,18 +9,35 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import torch
-from diffusers import DiffusionPipeline, DiTPipeline, StableDiffusionPipeline
+from diffusers import (DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
 from PIL import Image
 
-__all__ = ["InputError", "FAMILIES", "DEFAULT_GUIDANCE", "load_pipeline", "pipeline_family", "denoiser_name",
-           "vae_scale_factor", "size_multiple", "native_size", "class_id", "run_pipeline", "image_grid",
-           "atomic_write", "save_png"]
+__all__ = ["InputError", "Family", "FAMILIES", "load_pipeline", "pipeline_family", "vae_scale_factor",
+           "size_multiple", "native_size", "class_id", "run_pipeline", "image_grid", "atomic_write", "save_png"]
 
-FAMILIES = {"sd": StableDiffusionPipeline, "dit": DiTPipeline}
-DEFAULT_GUIDANCE = {"sd": 7.5, "dit": 4.0}  # the pipelines' own defaults
+
+class Family(NamedTuple):
+    """What the tools need to know of a kind of pipeline."""
+    pipelines: tuple  # the pipeline classes
+    denoiser: str  # the attribute holding the denoiser: "unet" or "transformer"
+    text_encoders: tuple  # the attributes holding text encoders; none: class-conditional (DiT)
+    guidance: float  # the pipelines' own default CFG scale
+
+    @property
+    def takes_prompts(self) -> bool:
+        return bool(self.text_encoders)
+
+
+FAMILIES = {
+    "sd": Family((StableDiffusionPipeline,), "unet", ("text_encoder",), 7.5),  # SD 1.x / 2.x
+    "sdxl": Family((StableDiffusionXLPipeline,), "unet", ("text_encoder", "text_encoder_2"), 5.0),
+    "pixart": Family((PixArtAlphaPipeline, PixArtSigmaPipeline), "transformer", ("text_encoder",), 4.5),
+    "dit": Family((DiTPipeline,), "transformer", (), 4.0),  # DiT or LinDiT transformers
+}
 
 
 class InputError(ValueError):
@@ -46,16 +64,12 @@ def load_pipeline(path: Union[str, os.PathLike], *, drop_safety_checker: bool = 
 
 
 def pipeline_family(pipe: DiffusionPipeline, tool: str) -> str:
-    """``'sd'`` (SD 1.x / 2.x text-to-image) or ``'dit'`` (class-conditional DiT / LinDiT)."""
-    for family, cls in FAMILIES.items():
-        if isinstance(pipe, cls):
-            return family
-    supported = ", ".join(cls.__name__ for cls in FAMILIES.values())
+    """The key of ``pipe``'s kind in FAMILIES: ``'sd'``, ``'sdxl'``, ``'pixart'`` (text-to-image) or ``'dit'``."""
+    for name, family in FAMILIES.items():
+        if isinstance(pipe, family.pipelines):
+            return name
+    supported = ", ".join(cls.__name__ for family in FAMILIES.values() for cls in family.pipelines)
     raise InputError(f"{tool} does not support {type(pipe).__name__} pipelines; supported: {supported}")
-
-
-def denoiser_name(family: str) -> str:
-    return "unet" if family == "sd" else "transformer"
 
 
 def vae_scale_factor(pipe: DiffusionPipeline) -> int:
@@ -63,16 +77,18 @@ def vae_scale_factor(pipe: DiffusionPipeline) -> int:
 
 
 def size_multiple(pipe: DiffusionPipeline, family: str) -> int:
-    """Image sides must be multiples of this: the VAE factor times DiT's patch (SD pipelines also ask for 8)."""
+    """Image sides must be multiples of this: the VAE factor times a transformer's patch (UNet pipelines also ask
+    for 8)."""
     factor = vae_scale_factor(pipe)
-    if family == "sd":
+    denoiser = FAMILIES[family].denoiser
+    if denoiser == "unet":
         return math.lcm(8, factor)
-    return factor * pipe.transformer.config.patch_size
+    return factor * getattr(pipe, denoiser).config.patch_size
 
 
 def native_size(pipe: DiffusionPipeline, family: str) -> int:
     """The image side the denoiser was configured for (``sample_size`` latents)."""
-    return getattr(pipe, denoiser_name(family)).config.sample_size * vae_scale_factor(pipe)
+    return getattr(pipe, FAMILIES[family].denoiser).config.sample_size * vae_scale_factor(pipe)
 
 
 def class_id(pipe: DiTPipeline, text: str) -> int:
@@ -93,13 +109,16 @@ def class_id(pipe: DiTPipeline, text: str) -> int:
 def run_pipeline(pipe: DiffusionPipeline, family: str, conditions: Sequence[Union[str, int]], *, height: int,
                  width: int, steps: int, guidance_scale: float,
                  generator: Union[torch.Generator, list[torch.Generator]], output_type: str = "pil"):
-    """One batch: prompts for SD at ``height`` x ``width``; class ids for DiT, which generates at the size of its
-    denoiser's ``sample_size`` (the caller checks it). ``generator``: one, or one per image."""
-    if family == "sd":
-        return pipe(prompt=list(conditions), height=height, width=width, num_inference_steps=steps,
-                    guidance_scale=guidance_scale, generator=generator, output_type=output_type).images
-    return pipe(class_labels=list(conditions), num_inference_steps=steps, guidance_scale=guidance_scale,
-                generator=generator, output_type=output_type).images
+    """One batch: prompts at ``height`` x ``width`` (PixArt exactly so: no snapping to its aspect-ratio bins, and
+    captions as given); class ids for DiT, which generates at the size of its denoiser's ``sample_size`` (the
+    caller checks it). ``generator``: one, or one per image."""
+    common = dict(num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                  output_type=output_type)
+    if family == "dit":
+        return pipe(class_labels=list(conditions), **common).images
+    if family == "pixart":
+        common.update(use_resolution_binning=False, clean_caption=False)
+    return pipe(prompt=list(conditions), height=height, width=width, **common).images
 
 
 def image_grid(images: Sequence[Image.Image]) -> Image.Image:
