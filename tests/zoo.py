@@ -1,6 +1,7 @@
 """The registered models under test (official parameter counts, shrunken configs, feature layouts), and
 the tools loaded as modules."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import timm
@@ -49,8 +50,16 @@ def tiny(name, **kwargs):
 
 
 def load_tool(name):
-    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    """tools/<name>.py as the module ``name`` (the tools are scripts, not a package), registered in sys.modules
+    as running the script would make it importable by its siblings (pickling and dataclasses need that too)."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module

@@ -201,67 +201,20 @@ def run(spec: dict) -> dict:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    test_alloc = float(spec.get("test_alloc_mib") or 0.0)
+    test_alloc = float(spec.get("test_alloc_mib") or 0.0) if measure in ("memory", "both") else 0.0
 
-    def step(alloc: bool = False):
+    def step(measured: bool):
         with amp_ctx():
             y = model(x)
-        if alloc:  # TESTING ONLY: a known, touched allocation inside the measured section
+        if measured and test_alloc:  # TESTING ONLY: a known, touched allocation inside the measured section
             buf = torch.ones(int(test_alloc * MIB) // 4, dtype=torch.float32, device=device)
             del buf
         if train:
             _first_tensor(y).float().mean().backward()
         del y
 
-    def sync():
-        if is_cuda:
-            torch.cuda.synchronize(device)
-
-    grad_ctx = contextlib.nullcontext() if train else torch.inference_mode()
-    with grad_ctx:
-        # ---- warm-up
-        for _ in range(int(spec["warmup"])):
-            step()
-        sync()
-
-        n_iters = int(spec["iters"])
-        gc.collect()
-        sampler = None
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            out["memory_method"] = "torch.cuda.max_memory_allocated"
-        elif measure in ("memory", "both"):
-            base = _rss_bytes()
-            if _try_reset_hwm():
-                out["memory_method"] = "VmHWM after clear_refs (malloc mmap threshold 64 KiB)"
-            else:
-                sampler = _RssSampler()
-                out["memory_method"] = "psutil RSS sampled every 1 ms (clear_refs unavailable; may miss short spikes)"
-                sampler.__enter__()
-
-        lat = []
-        try:
-            for _ in range(n_iters):
-                sync()
-                t0 = time.perf_counter()
-                step(alloc=test_alloc > 0 and measure in ("memory", "both"))
-                sync()
-                lat.append(time.perf_counter() - t0)
-        finally:
-            if sampler is not None:
-                sampler.__exit__(None, None, None)
-
-        if is_cuda:
-            peak = torch.cuda.max_memory_allocated(device)
-            out["peak_act_mem_mib"] = max(0.0, (peak - base) / MIB)
-            out["peak_total_mem_mib"] = peak / MIB
-            out["baseline_mem_mib"] = base / MIB
-        elif measure in ("memory", "both"):
-            peak = sampler.peak if sampler is not None else _proc_status_kib("VmHWM") * 1024
-            out["peak_act_mem_mib"] = max(0.0, (peak - base) / MIB)
-            out["peak_total_mem_mib"] = peak / MIB
-            out["baseline_mem_mib"] = base / MIB
+    with contextlib.nullcontext() if train else torch.inference_mode():
+        lat = measure_steps(step, spec, device, out)
 
     if spec.get("count_flops"):
         # after all measurements, so the counting (a TorchDispatchMode) cannot disturb them
@@ -276,6 +229,61 @@ def run(spec: dict) -> dict:
     out["throughput_img_s"] = bs / (med / 1000.0) if med > 0 else None
     out["status"] = "ok"
     return out
+
+
+def measure_steps(step, spec: dict, device, out: dict) -> list:
+    """Run ``step(False)`` spec["warmup"] times, then time ``step(True)`` spec["iters"] times (fewer once
+    spec.get("max_seconds") are spent), synchronising CUDA around each; when spec["measure"] is "memory" or
+    "both" (always on CUDA) also the peak memory those timed iterations need, written to ``out``
+    (peak_act_mem_mib, peak_total_mem_mib, baseline_mem_mib, memory_method). Returns the latencies in seconds.
+    Shared by this worker and tools/benchmark_diffusion.py."""
+    import torch
+
+    is_cuda = device.type == "cuda"
+    measure = spec["measure"]
+
+    def sync():
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    for _ in range(int(spec["warmup"])):
+        step(False)
+    sync()
+    gc.collect()
+    sampler = None
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out["memory_method"] = "torch.cuda.max_memory_allocated"
+    elif measure in ("memory", "both"):
+        base = _rss_bytes()
+        if _try_reset_hwm():
+            out["memory_method"] = "VmHWM after clear_refs (malloc mmap threshold 64 KiB)"
+        else:
+            sampler = _RssSampler()
+            out["memory_method"] = "psutil RSS sampled every 1 ms (clear_refs unavailable; may miss short spikes)"
+            sampler.__enter__()
+    latencies = []
+    budget = spec.get("max_seconds")
+    try:
+        while len(latencies) < int(spec["iters"]) and not (budget and latencies and sum(latencies) >= budget):
+            sync()
+            t0 = time.perf_counter()
+            step(True)
+            sync()
+            latencies.append(time.perf_counter() - t0)
+    finally:
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+    if is_cuda or measure in ("memory", "both"):
+        if is_cuda:
+            peak = torch.cuda.max_memory_allocated(device)
+        else:
+            peak = sampler.peak if sampler is not None else _proc_status_kib("VmHWM") * 1024
+        out["peak_act_mem_mib"] = max(0.0, (peak - base) / MIB)
+        out["peak_total_mem_mib"] = peak / MIB
+        out["baseline_mem_mib"] = base / MIB
+    return latencies
 
 
 def count_gmacs(model, x, amp_ctx, bs: int):

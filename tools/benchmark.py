@@ -295,8 +295,9 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def run_worker(spec: dict, extra_env: dict, timeout: float, max_mem_bytes: int | None) -> dict:
-    """Run one worker process under a timeout and an RSS watchdog; always returns a result dict."""
+def run_worker(spec: dict, extra_env: dict, timeout: float, max_mem_bytes: int | None, worker: str = WORKER) -> dict:
+    """Run one worker process (``python <worker> '<spec json>' <result path>``, which writes the result JSON also
+    on failure) under a timeout and an RSS watchdog; always returns a result dict."""
     env = dict(os.environ)
     for k in MEM_ENV:
         env.pop(k, None)  # timing processes get the default malloc
@@ -306,7 +307,7 @@ def run_worker(spec: dict, extra_env: dict, timeout: float, max_mem_bytes: int |
         result_path = os.path.join(td, "result.json")
         log_path = os.path.join(td, "worker.log")
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, WORKER, json.dumps(spec), result_path],
+            proc = subprocess.Popen([sys.executable, worker, json.dumps(spec), result_path],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         ps_proc = None
         if max_mem_bytes:

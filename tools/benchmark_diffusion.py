@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -77,22 +76,9 @@ import time
 from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load_sibling(name: str):
-    """tools/<name>.py as a private module object (the tools are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_benchmark_diffusion_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_bench = _load_sibling("benchmark")
-_worker = _load_sibling("_bench_worker")
-# run_worker starts ``python <_bench.WORKER> '<spec json>' RESULT``; in this private copy that is this file
-if not hasattr(_bench, "WORKER"):
-    raise ImportError("tools/benchmark.py no longer has WORKER, which run_worker starts; update benchmark_diffusion.py")
-_bench.WORKER = os.path.abspath(__file__)
+sys.path.insert(0, HERE)  # the sibling tools (scripts, not a package)
+import _bench_worker as _worker  # noqa: E402
+import benchmark as _bench  # noqa: E402
 
 LATENT_FACTOR = 8  # SD's VAE: latent side = image side / 8
 LEVELS = ("layer", "unet", "dit")
@@ -215,16 +201,12 @@ def classify_exception(e: BaseException) -> str:
 
 
 def run_point(spec: dict) -> dict:
-    import gc
-
     import torch
 
     torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
-    is_cuda = device.type == "cuda"
-    measure = spec["measure"]
     out: dict = {"num_threads": torch.get_num_threads()}
-    if is_cuda:
+    if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     if spec.get("test_fail"):
         raise RuntimeError("failure requested by --_test-fail")
@@ -234,46 +216,8 @@ def run_point(spec: dict) -> dict:
     out["params_mib"] = sum(t.numel() * t.element_size()
                             for t in [*model.parameters(), *model.buffers()]) / _worker.MIB
 
-    def sync():
-        if is_cuda:
-            torch.cuda.synchronize(device)
-
     with torch.inference_mode():
-        for _ in range(int(spec["warmup"])):
-            forward()
-        sync()
-        gc.collect()
-        sampler = None
-        if is_cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-            out["memory_method"] = "torch.cuda.max_memory_allocated"
-        elif measure in ("memory", "both"):
-            base = _worker._rss_bytes()
-            if _worker._try_reset_hwm():
-                out["memory_method"] = "VmHWM after clear_refs (malloc mmap threshold 64 KiB)"
-            else:
-                sampler = _worker._RssSampler()
-                out["memory_method"] = "psutil RSS sampled every 1 ms (clear_refs unavailable; may miss short spikes)"
-                sampler.__enter__()
-        latencies = []
-        try:
-            while len(latencies) < int(spec["iters"]) and (not latencies or sum(latencies) < spec["max_seconds"]):
-                sync()
-                t0 = time.perf_counter()
-                forward()
-                sync()
-                latencies.append(time.perf_counter() - t0)
-        finally:
-            if sampler is not None:
-                sampler.__exit__(None, None, None)
-        if is_cuda or measure in ("memory", "both"):
-            if is_cuda:
-                peak = torch.cuda.max_memory_allocated(device)
-            else:
-                peak = sampler.peak if sampler is not None else _worker._proc_status_kib("VmHWM") * 1024
-            out["peak_act_mem_mib"] = max(0.0, (peak - base) / _worker.MIB)
-            out["peak_total_mem_mib"] = peak / _worker.MIB
+        latencies = _worker.measure_steps(lambda measured: forward(), spec, device, out)
 
     ms = [t * 1000.0 for t in latencies]
     out.update(latency_ms_median=statistics.median(ms), latency_ms_min=min(ms), latency_ms_max=max(ms),
@@ -419,7 +363,7 @@ def make_meta(args, config: dict, warmup: int, iters: int, max_mem_gb) -> dict:
 
 def measure_point(args, spec: dict, max_mem_bytes) -> dict:
     run = lambda measure, env: _bench.run_worker({**spec, "measure": measure}, env, args.timeout,  # noqa: E731
-                                                 max_mem_bytes)
+                                                 max_mem_bytes, worker=os.path.abspath(__file__))
     if args.device == "cuda":
         return {**run("both", {}), "timing_run": "both"}
     if args.memory_run == "shared":
