@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from visionlin.kernels import cross_selective_scan, last_backend, selective_scan, use_backend
-from visionlin.kernels.ssm import cpu_kernel_available, naive_cross_selective_scan, naive_selective_scan
+from visionlin.kernels.ssm import (bidirectional_conv1d_silu, cpu_kernel_available, naive_cross_selective_scan,
+                                   naive_selective_scan)
 
-from test_selective_scan_torch import cross_inputs, max_rel_error, scan_inputs
+from test_selective_scan_torch import cross_inputs, explicit_bidirectional_conv, max_rel_error, scan_inputs
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler to build the CPU scan")
 
@@ -63,6 +64,34 @@ def test_cross_scan_matches_reference_for_every_route(R, H, W):
     assert max_rel_error(out, naive_cross_selective_scan(u, delta, A, B, C, D, bias, routes=R)) < 1e-5
 
 
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("H,W", [(6, 7), (1, 9)])
+def test_cross_scan_per_route_u_and_z_match_the_reference(R, H, W):
+    for per_route_u, gate in ((True, False), (False, True), (True, True)):
+        args = cross_inputs(d=19, H=H, W=W, R=R, per_route_u=per_route_u)
+        z = torch.randn(2, 19, H, W) if gate else None
+        out = cross_selective_scan(*args, routes=R, z=z)
+        assert last_backend("cross_selective_scan") == "cpu"
+        assert max_rel_error(out, naive_cross_selective_scan(*args, routes=R, z=z)) < 1e-5
+
+
+def test_cross_scan_reads_vims_token_major_views_in_place():
+    """Per-route tensors as Vim hands them: (b, L, R, c) buffers viewed as (b, R, c, 1, L), z a slice."""
+    b, L, d, n, R = 2, 29, 20, 4, 2
+    grid = lambda t: t.movedim(1, -1).unsqueeze(-2)  # noqa: E731
+    u, delta = torch.randn(b, L, R, d), torch.rand(b, L, R, d) - 0.5
+    BC = torch.randn(b, L, R, 2 * n)
+    xz = torch.randn(b, L, 2 * d)
+    A, D, bias = -torch.rand(R, d, n) - 0.1, torch.randn(R, d), torch.rand(R, d)
+    args = [grid(u), grid(delta), A, grid(BC[..., :n]), grid(BC[..., n:]), D, bias]
+    z = grid(xz[..., d:])
+    assert not any(t.is_contiguous() for t in (args[0], args[3], z))
+    out = cross_selective_scan(*args, routes=2, z=z)
+    ref = cross_selective_scan(*(t.contiguous() for t in args), routes=2, z=z.contiguous())
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert out.flatten(2).transpose(1, 2).is_contiguous()     # channels-last: token-major for out_proj
+
+
 def test_cross_scan_channels_last_inputs():
     u, delta, A, B, C, D, bias = cross_inputs(H=6, W=8)
     u_cl = u.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
@@ -103,13 +132,15 @@ def test_gradients_equal_the_pytorch_paths():
         g_ref = torch.autograd.grad(selective_scan(*args, delta_softplus=True), args, gy)
     for a, b in zip(g_cpu, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    cu = [t.clone().requires_grad_() for t in cross_inputs(d=6, H=4, W=5, R=4)]
-    gy = torch.randn(2, 6, 4, 5)
-    g_cpu = torch.autograd.grad(cross_selective_scan(*cu), cu, gy)
-    with use_backend("torch"):
-        g_ref = torch.autograd.grad(cross_selective_scan(*cu), cu, gy)
-    for a, b in zip(g_cpu, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for R, per_route_u in ((4, False), (2, True)):
+        cu = [t.clone().requires_grad_() for t in cross_inputs(d=6, H=4, W=5, R=R, per_route_u=per_route_u)]
+        cu.append(torch.randn(2, 6, 4, 5, requires_grad=True))
+        gy = torch.randn(2, 6, 4, 5)
+        g_cpu = torch.autograd.grad(cross_selective_scan(*cu[:-1], routes=R, z=cu[-1]), cu, gy)
+        with use_backend("torch"):
+            g_ref = torch.autograd.grad(cross_selective_scan(*cu[:-1], routes=R, z=cu[-1]), cu, gy)
+        for a, b in zip(g_cpu, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_thread_count_does_not_change_the_result():
@@ -124,6 +155,69 @@ def test_thread_count_does_not_change_the_result():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("l,d,K", [(1, 16, 4), (3, 37, 4), (50, 48, 4), (20, 5, 1), (9, 16, 2)])
+def test_bidirectional_conv_matches_the_two_causal_convs(l, d, K):
+    xz = torch.randn(2, l, 3 * d)
+    w, b = torch.randn(2, d, K), torch.randn(2, d)
+    for x in (xz[..., d:2 * d], xz[..., ::3]):             # a slice of a projection; channel stride 3
+        for bias in (b, None):
+            out = bidirectional_conv1d_silu(x, w, bias)
+            assert last_backend("bidirectional_conv1d_silu") == "cpu"
+            assert out.shape == (2, l, 2, d) and out.is_contiguous()
+            torch.testing.assert_close(out, explicit_bidirectional_conv(x, w, bias), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, bidirectional_conv1d_silu(x, w, bias, backend="torch"), rtol=1e-5,
+                                       atol=1e-6)
+
+
+def test_bidirectional_conv_16bit_gradients_and_threads():
+    x, w, b = torch.randn(2, 33, 24), torch.randn(2, 24, 4), torch.randn(2, 24)
+    out = bidirectional_conv1d_silu(x.to(torch.bfloat16), w, b)
+    assert out.dtype == torch.bfloat16
+    assert max_rel_error(out, explicit_bidirectional_conv(x.to(torch.bfloat16).double(), w.double(), b.double())) < 1e-2
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    gy = torch.randn(2, 33, 2, 24)
+    g_cpu = torch.autograd.grad(bidirectional_conv1d_silu(*leaves), leaves, gy)
+    g_ref = torch.autograd.grad(bidirectional_conv1d_silu(*leaves, backend="torch"), leaves, gy)
+    for a, r in zip(g_cpu, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = bidirectional_conv1d_silu(x, w, b)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(one, bidirectional_conv1d_silu(x, w, b))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_parts_run_alike_on_pytorchs_openmp_threads_and_on_a_thread_pool(monkeypatch):
+    """Built with OpenMP, one call runs every part on PyTorch's OpenMP threads; otherwise a Python thread
+    pool calls each part: both give the same result."""
+    from visionlin.kernels.ssm import scan_cpu
+    args = cross_inputs(d=40, H=5, W=7, R=2, per_route_u=True)
+    z = torch.randn(2, 40, 5, 7)
+    x, w = torch.randn(2, 30, 40), torch.randn(2, 40, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        one_call = cross_selective_scan(*args, routes=2, z=z), bidirectional_conv1d_silu(x, w)
+        monkeypatch.setattr(scan_cpu._lib, "has_openmp", lambda: 0)
+        pooled = cross_selective_scan(*args, routes=2, z=z), bidirectional_conv1d_silu(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one_call, pooled):
+        assert torch.equal(a, b)
+
+
+def test_a_compiler_without_openmp_builds_the_kernels_without(tmp_path, monkeypatch):
+    from visionlin.kernels.ssm import scan_cpu
+    monkeypatch.setenv("VISIONLIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(scan_cpu, "_OPENMP", "-fno-such-openmp-flag")
+    lib = scan_cpu._build()
+    assert lib.has_openmp() == 0
+    assert len(list((tmp_path / "cpu_kernels").glob("*.so"))) == 1
 
 
 def test_dispatch_auto_picks_cpu_and_explicit_cpu_refuses_what_it_cannot_take():

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from visionlin.kernels import cross_selective_scan, last_backend, selective_scan, use_backend
-from visionlin.kernels.ssm import cpu_kernel_available, naive_cross_selective_scan, naive_selective_scan
+from visionlin.kernels.ssm import (bidirectional_conv1d_silu, cpu_kernel_available, naive_cross_selective_scan,
+                                   naive_selective_scan)
 from visionlin.kernels.ssm.naive import route_backward, route_forward
 
 
@@ -28,10 +29,23 @@ def scan_inputs(b=2, d=6, l=37, n=16, g=None, dtype=torch.float32, A_scale=1.0, 
     return [None if t is None else (t.to(dtype) if i not in (2, 5, 7) else t) for i, t in enumerate(args)]
 
 
-def cross_inputs(b=2, d=5, H=6, W=7, n=4, R=4, dtype=torch.float32):
-    return [torch.randn(b, d, H, W).to(dtype), torch.randn(b, R, d, H, W).to(dtype) - 1.0,
+def cross_inputs(b=2, d=5, H=6, W=7, n=4, R=4, dtype=torch.float32, per_route_u=False):
+    """u (shared, or per route), delta, A, B, C, D, delta_bias of a cross scan."""
+    u = torch.randn(b, R, d, H, W) if per_route_u else torch.randn(b, d, H, W)
+    return [u.to(dtype), torch.randn(b, R, d, H, W).to(dtype) - 1.0,
             -torch.exp(torch.rand(R, d, n) * 2), torch.randn(b, R, n, H, W).to(dtype),
             torch.randn(b, R, n, H, W).to(dtype), torch.randn(R, d), torch.randn(R, d) * 0.5]
+
+
+def explicit_bidirectional(u, delta, A, B, C, D, bias, z=None):
+    """Two routes written out with flips (Vim's formula): scan(route 0) + flip(scan(flipped route 1)) on
+    the grid's raster sequence, each direction gated by silu(z) in its own order."""
+    seq = lambda t: None if t is None else t.flatten(-2)  # noqa: E731  (..., H, W) -> (..., H*W), raster
+    flip = lambda t: None if t is None else seq(t).flip(-1)  # noqa: E731
+    u0, u1 = (u[:, 0], u[:, 1]) if u.ndim == 5 else (u, u)
+    fwd = selective_scan(seq(u0), seq(delta[:, 0]), A[0], seq(B[:, 0]), seq(C[:, 0]), D[0], seq(z), bias[0], True)
+    bwd = selective_scan(flip(u1), flip(delta[:, 1]), A[1], flip(B[:, 1]), flip(C[:, 1]), D[1], flip(z), bias[1], True)
+    return (fwd + bwd.flip(-1)).view(u0.shape)
 
 
 def max_rel_error(out, ref):
@@ -206,6 +220,10 @@ def test_routes_visit_the_grid_in_vmamba_cross_scan_order():
     for r in range(4):
         assert route_forward(x, r)[0].tolist() == expected[r]
         assert torch.equal(route_backward(route_forward(x, r), r, 2, 3), x)
+    for R, orders in ((2, [0, 2]), (1, [0])):  # two routes: raster and reversed raster (Vim)
+        for r, k in enumerate(orders):
+            assert route_forward(x, r, R)[0].tolist() == expected[k]
+            assert torch.equal(route_backward(route_forward(x, r, R), r, 2, 3, R), x)
 
 
 @pytest.mark.parametrize("R", [1, 2, 4])
@@ -217,9 +235,9 @@ def test_cross_scan_equals_single_route_scans_of_flipped_copies_summed(R, H, W):
     assert max_rel_error(out, naive_cross_selective_scan(*args, routes=R)) < 1e-5
     # the same through the public single-route op on explicitly reordered copies
     u, delta, A, B, C, D, bias = args
-    total = sum(route_backward(selective_scan(route_forward(u, r), route_forward(delta[:, r], r), A[r],
-                                              route_forward(B[:, r], r), route_forward(C[:, r], r), D[r],
-                                              delta_bias=bias[r], delta_softplus=True), r, H, W)
+    fwd = lambda t, r: route_forward(t, r, R)  # noqa: E731
+    total = sum(route_backward(selective_scan(fwd(u, r), fwd(delta[:, r], r), A[r], fwd(B[:, r], r), fwd(C[:, r], r),
+                                              D[r], delta_bias=bias[r], delta_softplus=True), r, H, W, R)
                 for r in range(R))
     torch.testing.assert_close(out, total, rtol=1e-5, atol=1e-5)
 
@@ -272,6 +290,109 @@ def test_cross_scan_strided_inputs():
     assert not (u_cl.is_contiguous() or delta_t.is_contiguous())
     torch.testing.assert_close(cross_selective_scan(u_cl, delta_t, A, B, C, D, bias),
                                cross_selective_scan(u, delta, A, B, C, D, bias))
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("H,W", [(5, 7), (1, 9)])
+@pytest.mark.parametrize("per_route_u,gate", [(True, False), (False, True), (True, True)])
+def test_cross_scan_per_route_u_and_z_gate_match_the_reference(R, H, W, per_route_u, gate):
+    args = cross_inputs(H=H, W=W, R=R, per_route_u=per_route_u)
+    z = torch.randn(2, 5, H, W) if gate else None
+    out = cross_selective_scan(*args, routes=R, z=z)
+    assert out.shape == (2, 5, H, W)
+    assert max_rel_error(out, naive_cross_selective_scan(*args, routes=R, z=z)) < 1e-5
+
+
+@pytest.mark.parametrize("H,W", [(1, 23), (3, 5)])
+def test_two_routes_are_the_forward_scan_plus_the_flipped_backward_scan(H, W):
+    for per_route_u in (False, True):
+        args = cross_inputs(H=H, W=W, R=2, per_route_u=per_route_u)
+        z = torch.randn(2, 5, H, W)
+        torch.testing.assert_close(cross_selective_scan(*args, routes=2, z=z), explicit_bidirectional(*args, z=z),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_u_equals_the_same_u_given_per_route_and_z_gates_the_sum():
+    args = cross_inputs(R=4)
+    per_route = [args[0].unsqueeze(1).expand(-1, 4, -1, -1, -1), *args[1:]]
+    torch.testing.assert_close(cross_selective_scan(*per_route), cross_selective_scan(*args))
+    z = torch.randn(2, 5, 6, 7)
+    torch.testing.assert_close(cross_selective_scan(*per_route, z=z), cross_selective_scan(*args) * F.silu(z))
+
+
+@pytest.mark.parametrize("R", [2, 4])
+def test_cross_scan_per_route_u_and_z_gradients_match_the_reference(R):
+    args = [t.double().requires_grad_() for t in cross_inputs(b=2, d=3, H=3, W=5, n=2, R=R, per_route_u=True)]
+    z = torch.randn(2, 3, 3, 5, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(cross_selective_scan(*args, routes=R, z=z).square().sum(), [*args, z])
+    ref = torch.autograd.grad(naive_cross_selective_scan(*args, routes=R, z=z).square().sum(), [*args, z])
+    for name, g, r in zip(("u", "delta", "A", "B", "C", "D", "delta_bias", "z"), grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+def test_cross_scan_gradcheck_with_per_route_u_and_z():
+    args = [t.double().requires_grad_() for t in cross_inputs(b=1, d=2, H=1, W=5, n=2, R=2, per_route_u=True)]
+    z = torch.randn(1, 2, 1, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: cross_selective_scan(*a[:-1], routes=2, z=a[-1]), [*args, z])
+
+
+# ------------------------------------------------------------------ bidirectional conv1d + SiLU
+
+def explicit_bidirectional_conv(x, weight, bias):
+    """nn.Conv1d's causal depthwise conv + SiLU on x and on flip(x) (flipped back): (b, l, 2, d)."""
+    L, d, K = x.shape[1], x.shape[2], weight.shape[-1]
+    outs = []
+    for r, seq in enumerate((x, x.flip(1))):
+        y = F.conv1d(seq.transpose(1, 2), weight[r].unsqueeze(1), None if bias is None else bias[r],
+                     padding=K - 1, groups=d)[..., :L]
+        y = F.silu(y).transpose(1, 2)
+        outs.append(y.flip(1) if r else y)
+    return torch.stack(outs, dim=2)
+
+
+@pytest.mark.parametrize("l,K", [(1, 4), (3, 4), (37, 4), (20, 1), (9, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bidirectional_conv_is_the_causal_conv_of_both_directions(l, K, bias):
+    big = torch.randn(2, l, 14, dtype=torch.float64)
+    x = big[..., 3:9]                                   # a strided slice, as of the input projection
+    w = torch.randn(2, 6, K, dtype=torch.float64)
+    b = torch.randn(2, 6, dtype=torch.float64) if bias else None
+    out = bidirectional_conv1d_silu(x, w, b)
+    assert last_backend("bidirectional_conv1d_silu") == "torch"
+    assert out.shape == (2, l, 2, 6) and out.is_contiguous()
+    torch.testing.assert_close(out, explicit_bidirectional_conv(x, w, b))
+
+
+def test_bidirectional_conv_gradcheck_and_float32_parameters_for_half_inputs():
+    x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bidirectional_conv1d_silu, (x, w, b))
+    x16 = x.detach().to(torch.bfloat16)
+    out = bidirectional_conv1d_silu(x16, w.detach().float(), b.detach().float())
+    assert out.dtype == torch.bfloat16
+    ref = explicit_bidirectional_conv(x16.double(), w.detach(), b.detach())
+    assert max_rel_error(out, ref) < 3e-2
+
+
+@pytest.mark.parametrize("x,w,b,match", [
+    (torch.randn(2, 6), None, None, r"x must have shape \(b, l, d\)"),
+    (None, torch.randn(6, 4), None, r"weight must have shape \(2, d, K\)"),
+    (None, torch.randn(3, 6, 4), None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
+    (None, torch.randn(2, 5, 4), None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
+    (None, torch.randn(2, 6, 0), None, "K >= 1"),
+    (None, None, torch.randn(6), r"bias must have shape \(2, d\)"),
+    (None, None, torch.randn(2, 5), r"bias must have shape \(2, d\) with d of x"),
+    (None, torch.randn(2, 6, 4, dtype=torch.float64), None, "weight must have x's dtype"),
+    (torch.randint(0, 3, (2, 9, 6)), None, None, "x must be a floating-point"),
+])
+def test_bidirectional_conv_bad_inputs_raise_errors_naming_the_argument(x, w, b, match):
+    args = [torch.randn(2, 9, 6), torch.randn(2, 6, 4), torch.randn(2, 6)]
+    for i, t in enumerate((x, w, b)):
+        if t is not None:
+            args[i] = t
+    with pytest.raises(ValueError, match=match):
+        bidirectional_conv1d_silu(*args)
 
 
 # ------------------------------------------------------------------ dispatch and checks
@@ -359,6 +480,25 @@ def test_cross_scan_bad_inputs_raise_errors_naming_the_argument(arg, bad, match)
     args[arg] = bad
     with pytest.raises(ValueError, match=match):
         cross_selective_scan(*args)
+
+
+@pytest.mark.parametrize("u,z,match", [
+    (torch.randn(2, 5, 6), None, r"u must have shape \(b, d, H, W\) or \(b, R, d, H, W\)"),
+    (torch.randn(1, 2, 4, 5, 6, 7), None, r"u must have shape \(b, d, H, W\) or \(b, R, d, H, W\)"),
+    (torch.randn(2, 2, 5, 6, 7), None, r"u must have shape \(b, R, d, H, W\) with R = routes = 4"),
+    (torch.randint(0, 3, (2, 4, 5, 6, 7)), None, "u must be a floating-point"),
+    (None, torch.randn(2, 5, 42), r"z must have shape \(b, d, H, W\)"),
+    (None, torch.randn(2, 5, 7, 6), r"z must have shape \(b, d, H, W\) with b, d, H, W of u = \(2, 5, 6, 7\)"),
+    (None, torch.randn(2, 4, 5, 6, 7), r"z must have shape \(b, d, H, W\)"),
+    (None, torch.randn(2, 5, 6, 7, dtype=torch.float64), "z must have u's dtype"),
+    (None, torch.randn(2, 5, 6, 7, device="meta"), "z is on meta but u is on cpu"),
+])
+def test_cross_scan_bad_u_or_z_raise_errors_naming_them(u, z, match):
+    args = cross_inputs()
+    if u is not None:
+        args[0] = u
+    with pytest.raises(ValueError, match=match):
+        cross_selective_scan(*args, z=z)
 
 
 @pytest.mark.parametrize("routes", [0, 3, 8, "4", True])

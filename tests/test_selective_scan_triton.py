@@ -40,10 +40,14 @@ def scan_inputs(b=1, d=6, l=17, n=16, gB=None, gC=None, dtype=torch.float32, D=T
     return [None if t is None else t.to(DEVICE, t.dtype if i in (2, 5, 7) else dtype) for i, t in enumerate(args)]
 
 
-def cross_inputs(b=1, d=3, H=3, W=5, n=4, R=4, dtype=torch.float32, D=True, bias=True):
-    args = [torch.randn(b, d, H, W), torch.randn(b, R, d, H, W) - 1.0, -torch.exp(torch.rand(R, d, n) * 2),
+def cross_inputs(b=1, d=3, H=3, W=5, n=4, R=4, dtype=torch.float32, D=True, bias=True, per_route_u=False,
+                 z=False):
+    """u (shared or per route), delta, A, B, C, D, delta_bias, and a z gate (or None) last."""
+    u = torch.randn(b, R, d, H, W) if per_route_u else torch.randn(b, d, H, W)
+    args = [u, torch.randn(b, R, d, H, W) - 1.0, -torch.exp(torch.rand(R, d, n) * 2),
             torch.randn(b, R, n, H, W), torch.randn(b, R, n, H, W),
-            torch.randn(R, d) if D else None, torch.randn(R, d) * 0.5 if bias else None]
+            torch.randn(R, d) if D else None, torch.randn(R, d) * 0.5 if bias else None,
+            torch.randn(b, d, H, W) if z else None]
     return [None if t is None else t.to(DEVICE, t.dtype if i in (2, 5, 6) else dtype) for i, t in enumerate(args)]
 
 
@@ -71,7 +75,7 @@ def assert_grads_close(grads, ref_grads, rel, names):
 
 
 SCAN_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-CROSS_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+CROSS_NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias", "z")
 
 
 def check_scan(args, softplus, rel_out=1e-5, rel_grad=1e-4, against_torch=True):
@@ -93,17 +97,23 @@ def check_scan(args, softplus, rel_out=1e-5, rel_grad=1e-4, against_torch=True):
         assert_grads_close(grads, grads_of(tp, args, weight), rel_grad, SCAN_NAMES)
 
 
+def cross_of(fn, **kw):
+    """fn(u, delta, A, B, C, D, delta_bias, z) with z by keyword, as cross_inputs orders them."""
+    return lambda *x: fn(*x[:7], z=x[7], **kw)
+
+
 def check_cross(args, routes, softplus=True, rel_out=1e-5, rel_grad=1e-4, torch_grads=False):
-    tri = lambda *x: cross_selective_scan(*x, delta_softplus=softplus, routes=routes, backend="triton")  # noqa: E731
+    tri = cross_of(cross_selective_scan, delta_softplus=softplus, routes=routes, backend="triton")
     out = tri(*args)
-    assert out.dtype == args[0].dtype and out.shape == args[0].shape
+    shape = args[0].shape[:1] + args[0].shape[-3:]
+    assert out.dtype == args[0].dtype and out.shape == shape
     assert last_backend("cross_selective_scan") == "triton"
-    assert rel_err(out, naive_cross_selective_scan(*args, delta_softplus=softplus, routes=routes)) <= rel_out
-    weight = torch.randn(args[0].shape, device=DEVICE)
+    ref64 = cross_of(naive_cross_selective_scan, delta_softplus=softplus, routes=routes)
+    assert rel_err(out, ref64(*args)) <= rel_out
+    weight = torch.randn(shape, device=DEVICE)
     grads = grads_of(tri, args, weight)
-    ref64 = lambda *x: naive_cross_selective_scan(*x, delta_softplus=softplus, routes=routes)  # noqa: E731
     assert_grads_close(grads, grads_of(ref64, args, weight, torch.float64), rel_grad, CROSS_NAMES)
-    tp = lambda *x: cross_selective_scan(*x, delta_softplus=softplus, routes=routes, backend="torch")  # noqa: E731
+    tp = cross_of(cross_selective_scan, delta_softplus=softplus, routes=routes, backend="torch")
     torch.testing.assert_close(out, tp(*args), rtol=1e-5, atol=1e-5)
     if torch_grads:  # see test_cross_scan_gradients_match_the_torch_path
         assert_grads_close(grads, grads_of(tp, args, weight), rel_grad, CROSS_NAMES)
@@ -219,6 +229,33 @@ def test_cross_scan_matches_explicit_flips_and_transposes(routes):
 
 
 @in_process
+@pytest.mark.parametrize("routes", [1, 2, 4])
+def test_cross_scan_per_route_u_and_z_gate(routes):
+    # one launch for all routes: each reads its own u by the route stride; dz sums over the routes
+    check_cross(cross_inputs(d=3, H=3, W=3, n=2, R=routes, per_route_u=True, z=True), routes, torch_grads=True)
+    check_cross(cross_inputs(d=2, H=1, W=5, n=2, R=routes, z=True), routes, torch_grads=True)
+
+
+@in_process
+def test_cross_scan_reads_vims_token_major_views():
+    b, L, d, n, R = 1, 6, 4, 2, 2
+    grid = lambda t: t.movedim(1, -1).unsqueeze(-2)  # noqa: E731  (b, L, [R,] c) -> (b, [R,] c, 1, L)
+    xz = torch.randn(b, L, 2 * d, device=DEVICE)
+    BC = torch.randn(b, L, R, 2 * n, device=DEVICE)
+    strided = [grid(torch.randn(b, L, R, d, device=DEVICE)), grid(torch.rand(b, L, R, d, device=DEVICE) - 0.5),
+               -torch.rand(R, d, n, device=DEVICE) - 0.1, grid(BC[..., :n]), grid(BC[..., n:]),
+               torch.randn(R, d, device=DEVICE), torch.rand(R, d, device=DEVICE), grid(xz[..., d:])]
+    dense = [t.contiguous() for t in strided]
+    run = cross_of(cross_selective_scan, routes=2, backend="triton")
+    out = run(*strided)
+    torch.testing.assert_close(out, run(*dense), rtol=1e-6, atol=1e-6)
+    assert out.flatten(2).transpose(1, 2).is_contiguous()          # channels-last: token-major for out_proj
+    weight = torch.randn(out.shape, device=DEVICE)
+    for g, r in zip(grads_of(run, strided, weight), grads_of(run, dense, weight)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+@in_process
 def test_cross_scan_gradients_match_the_torch_path():
     # mild decays only: for strong ones (|delta*A| ~ 10 per token) the PyTorch path's autograd returns
     # non-finite ddelta/dA (the gradient of exp(L).reciprocal() overflows float32); the float64
@@ -253,10 +290,10 @@ def test_cross_scan_without_D_and_bias_and_without_softplus():
 
 @in_process
 def test_cross_scan_half_precision():
-    args = cross_inputs(R=4, dtype=torch.float16)
-    out = cross_selective_scan(*args, backend="triton")
+    args = cross_inputs(R=4, dtype=torch.float16, z=True)
+    out = cross_selective_scan(*args[:7], z=args[7], backend="triton")
     assert out.dtype == torch.float16
-    assert rel_err(out, naive_cross_selective_scan(*args)) <= 3e-3
+    assert rel_err(out, naive_cross_selective_scan(*args[:7], z=args[7])) <= 3e-3
 
 
 @in_process
@@ -285,7 +322,7 @@ def test_unsupported_calls_raise_clear_errors():
         selective_scan(*f64, backend="triton")
     with pytest.raises(ValueError, match="state sizes n <= 256; got n=300"):
         selective_scan(*scan_inputs(l=2, n=300, d=2, z=False), backend="triton")
-    c = [t.double() for t in cross_inputs(b=1, R=2)]
+    c = [t.double() for t in cross_inputs(b=1, R=2)[:7]]
     with pytest.raises(ValueError, match="supports u dtypes"):
         cross_selective_scan(*c, routes=2, backend="triton")
 
@@ -298,7 +335,7 @@ def test_auto_never_takes_triton_on_cpu():
     expected = "cpu" if cpu_kernel_available() else "torch"
     selective_scan(*scan_inputs(l=4, n=2))
     assert last_backend("selective_scan") == expected
-    cross_selective_scan(*cross_inputs(R=2), routes=2)
+    cross_selective_scan(*cross_inputs(R=2)[:7], routes=2)
     assert last_backend("cross_selective_scan") == expected
 
 
@@ -314,8 +351,10 @@ def test_ops_are_registered_custom_ops_with_fake_and_autograd():
     args = [None if t is None else t.requires_grad_() for t in scan_inputs(b=1, d=4, l=5, n=2)]
     res = torch.library.opcheck(torch.ops.visionlin.selective_scan_triton.default, (*args, True))
     assert set(res.values()) == {"SUCCESS"}
-    cargs = [t.requires_grad_() for t in cross_inputs(b=1, d=2, H=2, W=3, n=2, R=2)]
-    res = torch.library.opcheck(torch.ops.visionlin.cross_selective_scan_triton.default, (*cargs, True, 2))
+    u, delta, A, B, C, D, bias, z = (t.requires_grad_() for t in cross_inputs(b=1, d=2, H=2, W=3, n=2, R=2,
+                                                                              per_route_u=True, z=True))
+    res = torch.library.opcheck(torch.ops.visionlin.cross_selective_scan_triton.default,
+                                (u, delta, A, B, C, D, z, bias, True, 2))
     assert set(res.values()) == {"SUCCESS"}
 
 
@@ -340,6 +379,12 @@ for n, dtype, g in ((16, torch.bfloat16, None), (1, torch.float32, 2), (4, torch
     Bc = torch.zeros(b, R, n, H, W, dtype=dtype)
     st._forward(u, delta, torch.zeros(R, d, n), Bc, Bc, None, None, None, False, R, True)
     st._backward(u, None, u, delta, torch.zeros(R, d, n), Bc, Bc, torch.zeros(R, d), None, torch.zeros(R, d),
+                 True, R, True)
+    R = 2                                     # Vim: per-route u and the z gate
+    u = torch.zeros(b, R, d, 1, l, dtype=dtype)
+    delta, Bc, z = torch.zeros(b, R, d, 1, l, dtype=dtype), torch.zeros(b, R, n, 1, l, dtype=dtype), u[:, 0]
+    st._forward(u, delta, torch.zeros(R, d, n), Bc, Bc, torch.zeros(R, d), z, torch.zeros(R, d), True, R, True)
+    st._backward(z, None, u, delta, torch.zeros(R, d, n), Bc, Bc, torch.zeros(R, d), z, torch.zeros(R, d),
                  True, R, True)
 print("compiled")
 """

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import visionlin  # noqa: F401  (registers the models)
-from visionlin.kernels.ssm import naive_selective_scan
+from visionlin.kernels import last_backend, selective_scan, use_backend
+from visionlin.kernels.ssm import cpu_kernel_available, naive_selective_scan
 from visionlin.layers import BiMambaMixer
 from visionlin.models.vim import checkpoint_filter_fn
 
@@ -37,6 +38,64 @@ def test_mixer_runs_both_directions_as_written_out():
     with torch.no_grad():
         mixer.bwd.D.add_(1.0)        # a backward-direction parameter changes the output
         assert not torch.allclose(mixer(x), before)
+
+
+def flipped_bimamba(mixer, x):
+    """The official two-call formula: each direction's conv + scan on its own order, the backward one on
+    flipped copies of x and z, out_proj((y_fwd + flip(y_bwd)) / 2); scans through the public op."""
+    x_in, z = mixer.in_proj(x).chunk(2, dim=-1)
+
+    def direction(d, x, z):
+        u = F.silu(d.conv1d(x.transpose(1, 2))[..., :x.shape[1]])            # causal: (B, d_inner, L)
+        dt, B, C = d.x_proj(u.transpose(1, 2)).split((mixer.dt_rank, mixer.d_state, mixer.d_state), dim=-1)
+        delta = F.linear(dt, d.dt_proj.weight).transpose(1, 2)               # bias added inside the scan
+        y = selective_scan(u, delta, -torch.exp(d.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), d.D.float(),
+                           z.transpose(1, 2), d.dt_proj.bias.float(), delta_softplus=True)
+        return y.transpose(1, 2)
+
+    y_b = direction(mixer.bwd, x_in.flip(1), z.flip(1)).flip(1)
+    return mixer.out_proj((direction(mixer.fwd, x_in, z) + y_b) / 2)
+
+
+def perturbed_mixer(dim=32, d_state=4):
+    mixer = BiMambaMixer(dim, d_state=d_state)
+    with torch.no_grad():              # every parameter away from its init (D = 1, zero conv bias ...)
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return mixer
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_one_two_route_scan_equals_the_two_flipped_scans_forward_and_gradients(backend):
+    if backend == "cpu" and not cpu_kernel_available():
+        pytest.skip("no C compiler to build the CPU scan")
+    mixer = perturbed_mixer()
+    x = torch.randn(3, 11, 32, requires_grad=True)          # batch > 1, odd length
+    with use_backend(backend):
+        out = mixer(x)
+        assert last_backend("cross_selective_scan") == backend
+        assert last_backend("bidirectional_conv1d_silu") == backend
+        ref = flipped_bimamba(mixer, x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        gy = torch.randn_like(out)
+        leaves = [x, *mixer.parameters()]
+        grads = torch.autograd.grad(out, leaves, gy)
+        ref_grads = torch.autograd.grad(ref, leaves, gy)
+    names = ["x", *(n for n, _ in mixer.named_parameters())]
+    for name, g, r in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+def test_one_two_route_scan_equals_the_two_flipped_scans_in_float64():
+    mixer = perturbed_mixer().double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64, requires_grad=True)
+    with use_backend("torch"):
+        out, ref = mixer(x), flipped_bimamba(mixer, x)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        leaves = [x, *mixer.parameters()]
+        gy = torch.randn_like(out)
+        for g, r in zip(torch.autograd.grad(out, leaves, gy), torch.autograd.grad(ref, leaves, gy)):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_head_reads_the_middle_class_token():

@@ -6,15 +6,21 @@
 
 ``selective_scan`` has mamba_ssm's ``selective_scan_ref`` signature and semantics in the (b, d, l)
 layout (real A only). ``cross_selective_scan`` runs R routes over an (H, W) grid — 1: raster;
-2: raster and reversed raster (Vim); 4: raster, column-major, reversed raster, reversed column-major
-(VMamba's CrossScan order) — each with its own delta/A/B/C/D, and sums the route outputs placed back
-on the grid (VMamba's CrossMerge). Per-route tensors stay in the spatial layout: the route only sets
-the order in which the tokens are scanned.
+2: raster and reversed raster (Vim, on a 1 x L grid); 4: raster, column-major, reversed raster,
+reversed column-major (VMamba's CrossScan order) — each with its own delta/A/B/C/D and either a
+shared input u or its own, sums the route outputs placed back on the grid (VMamba's CrossMerge) and
+optionally gates the sum by silu(z). Per-route tensors stay in the spatial layout: the route only
+sets the order in which the tokens are scanned.
 
 Paths: the vectorised PyTorch path (``chunk.py``), a fused Triton path (``scan_triton.py``, all
 routes in one launch, forward and backward) and a compiled CPU path (``scan_cpu.py``, a serial
 recurrence in C vectorised over channels; forward compiled, backward by the PyTorch path);
 ``naive.py`` holds the float64 token-serial references the tests compare against.
+
+``bidirectional_conv1d_silu`` is bidirectional Mamba's pair of depthwise convolutions + SiLU in the
+original token order (route 0 causal, route 1 anti-causal, i.e. causal over the reversed sequence),
+producing a per-route u for a two-route ``cross_selective_scan`` (Vim) with no flipped copies: a
+PyTorch path (``conv.py``) and a compiled CPU path (``scan_cpu.py``).
 """
 from __future__ import annotations
 
@@ -24,13 +30,16 @@ from typing import Optional
 import torch
 
 from .._checks import check_same_device, check_shape, check_tensor
-from .._dispatch import resolve_backend
+from .._dispatch import requested_backend, resolve_backend
 from .chunk import chunk_cross_selective_scan, chunk_selective_scan
+from .conv import torch_bidirectional_conv1d_silu
 from .naive import naive_cross_selective_scan, naive_selective_scan
-from .scan_cpu import cpu_cross_selective_scan, cpu_kernel_available, cpu_selective_scan, cpu_supports
+from .scan_cpu import (cpu_bidirectional_conv1d_silu, cpu_cross_selective_scan, cpu_kernel_available,
+                       cpu_selective_scan, cpu_supports)
 
-__all__ = ["selective_scan", "cross_selective_scan", "naive_selective_scan", "naive_cross_selective_scan",
-           "chunk_selective_scan", "chunk_cross_selective_scan", "cpu_selective_scan", "cpu_cross_selective_scan",
+__all__ = ["selective_scan", "cross_selective_scan", "bidirectional_conv1d_silu", "naive_selective_scan",
+           "naive_cross_selective_scan", "chunk_selective_scan", "chunk_cross_selective_scan", "cpu_selective_scan",
+           "cpu_cross_selective_scan", "torch_bidirectional_conv1d_silu", "cpu_bidirectional_conv1d_silu",
            "cpu_kernel_available", "ROUTES"]
 
 ROUTES = (1, 2, 4)
@@ -46,11 +55,11 @@ def _triton_supports(u, delta, A, B, C, *optional) -> bool:
             and all(t.dtype in TRITON_DTYPES for t in (u, delta, A, B, C, *optional) if t is not None))
 
 
-def _check_dtype(name, t, u, params_may_be_float32: bool) -> None:
+def _check_dtype(name, t, u, params_may_be_float32: bool, ref: str = "u") -> None:
     if t.dtype == u.dtype or (params_may_be_float32 and t.dtype == torch.float32):
         return
     extra = " (or float32)" if params_may_be_float32 else ""
-    raise ValueError(f"{name} must have u's dtype {u.dtype}{extra}, got {t.dtype}")
+    raise ValueError(f"{name} must have {ref}'s dtype {u.dtype}{extra}, got {t.dtype}")
 
 
 def _check_group(name, M, b, d, n, l_shape, l_layout):
@@ -134,22 +143,27 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _validate_cross(u, delta, A, B, C, D, delta_bias, routes) -> None:
+def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes) -> None:
     if isinstance(routes, bool) or routes not in ROUTES:
         raise ValueError(f"routes must be one of {ROUTES}, got {routes!r}")
-    check_tensor("u", u, 4, "(b, d, H, W)")
+    if not isinstance(u, torch.Tensor) or u.ndim not in (4, 5):
+        check_tensor("u", u, 4, "(b, d, H, W) or (b, R, d, H, W)")
+    check_tensor("u", u, u.ndim, "(b, d, H, W) or (b, R, d, H, W)")
     check_tensor("delta", delta, 5, "(b, R, d, H, W)")
     check_tensor("A", A, 3, "(R, d, n)")
     check_tensor("B", B, 5, "(b, R, n, H, W)")
     check_tensor("C", C, 5, "(b, R, n, H, W)")
     named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
+    for name, t, nd, layout in (("D", D, 2, "(R, d)"), ("delta_bias", delta_bias, 2, "(R, d)"),
+                                ("z", z, 4, "(b, d, H, W)")):
         if t is not None:
-            check_tensor(name, t, 2, "(R, d)")
+            check_tensor(name, t, nd, layout)
             named.append((name, t))
     check_same_device([nm for nm, _ in named], [t for _, t in named])
-    b, d, H, W = u.shape
+    b, (d, H, W) = u.shape[0], u.shape[-3:]
     R, n = routes, A.shape[-1]
+    if u.ndim == 5:
+        check_shape("u", u, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
     check_shape("delta", delta, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
     check_shape("A", A, (R, d, n), f"(R, d, n) with R = routes = {R} and d of u")
     for name, M in (("B", B), ("C", C)):
@@ -157,6 +171,8 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, routes) -> None:
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None:
             check_shape(name, t, (R, d), f"(R, d) with R = routes = {R} and d of u")
+    if z is not None:
+        check_shape("z", z, (b, d, H, W), "(b, d, H, W) with b, d, H, W of u")
     for name, t in named[1:]:
         _check_dtype(name, t, u, name in ("A", "D", "delta_bias"))
     if H == 0 or W == 0:
@@ -168,29 +184,80 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, routes) -> None:
 def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                          C: torch.Tensor, D: Optional[torch.Tensor] = None,
                          delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = True,
-                         routes: int = 4, backend: Optional[str] = None) -> torch.Tensor:
-    """Multi-route selective scan over an image grid, merged back onto the grid (VMamba's SS2D core).
+                         routes: int = 4, z: Optional[torch.Tensor] = None,
+                         backend: Optional[str] = None) -> torch.Tensor:
+    """Multi-route selective scan over an image grid, merged back onto the grid (VMamba's SS2D core;
+    Vim's two directions with routes=2 on a 1 x L grid).
 
     Args:
-        u: (b, d, H, W) input, shared by every route.
+        u: (b, d, H, W) input shared by every route, or (b, R, d, H, W): route r scans u[:, r]
+            (and its D multiplies u[:, r]).
         delta: (b, R, d, H, W); B, C: (b, R, n, H, W) — per-route, in the spatial layout.
         A: (R, d, n). D, delta_bias: optional (R, d). delta_softplus as in ``selective_scan``.
-        routes: R in (1, 2, 4). Route 0 scans in raster order (row by row), route 1 column by column,
-            routes 2 and 3 are routes 0 and 1 reversed.
+        routes: R in (1, 2, 4). With 4, route 0 scans in raster order (row by row), route 1 column by
+            column, routes 2 and 3 are routes 0 and 1 reversed; with 2, raster and reversed raster;
+            with 1, raster.
+        z: optional (b, d, H, W) gate: the summed output is multiplied by silu(z).
         backend: 'auto', 'torch', 'triton' or 'cpu', as for ``selective_scan``.
+        u, delta, B, C, z share u's dtype; A, D, delta_bias may also be float32. Any strides.
     Returns:
-        y: (b, d, H, W) in u's dtype = sum over routes of selective_scan on the route's token order
-        (including D*u per route), each output placed back at its token's grid position.
+        y: (b, d, H, W) in u's dtype = silu(z) * the sum over routes of selective_scan on the route's
+        token order (including D*u per route), each output placed back at its token's grid position.
+        The compiled CPU and Triton paths return it channels-last (a (b, H, W, d) buffer, permuted).
     """
-    _validate_cross(u, delta, A, B, C, D, delta_bias, routes)
+    _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes)
     path = resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL,
-                           _triton_supports(u, delta, A, B, C, D, delta_bias), cpu_kernel_available,
-                           cpu_supports(u, delta, A, B, C, D, delta_bias))
+                           _triton_supports(u, delta, A, B, C, D, delta_bias, z), cpu_kernel_available,
+                           cpu_supports(u, delta, A, B, C, D, delta_bias, z))
     if u.numel() == 0:
-        return u.new_zeros(u.shape)
+        return u.new_zeros(delta.shape[:1] + delta.shape[2:])
     if path == "triton":
         from .scan_triton import triton_cross_selective_scan
-        return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
+        return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
     if path == "cpu":
-        return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
-    return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
+        return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
+    return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
+
+
+def _validate_conv(x, weight, bias) -> None:
+    check_tensor("x", x, 3, "(b, l, d)")
+    check_tensor("weight", weight, 3, "(2, d, K)")
+    named = [("x", x), ("weight", weight)]
+    if bias is not None:
+        check_tensor("bias", bias, 2, "(2, d)")
+        named.append(("bias", bias))
+    check_same_device([nm for nm, _ in named], [t for _, t in named])
+    d = x.shape[2]
+    if weight.shape[0] != 2 or weight.shape[1] != d or weight.shape[2] == 0:
+        raise ValueError(f"weight must have shape (2, d, K) with d = {d} of x and K >= 1, got {tuple(weight.shape)}")
+    if bias is not None:
+        check_shape("bias", bias, (2, d), "(2, d) with d of x")
+    for name, t in named[1:]:
+        _check_dtype(name, t, x, True, ref="x")
+
+
+def bidirectional_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                              backend: Optional[str] = None) -> torch.Tensor:
+    """Bidirectional Mamba's two depthwise convolutions + SiLU, both in the original token order.
+
+    Args:
+        x: (b, l, d) token-major input, any strides (e.g. a slice of the input projection's output).
+        weight: (2, d, K) depthwise kernels (``nn.Conv1d(d, d, K, groups=d).weight[:, 0]`` per route);
+            bias: optional (2, d). Both may be float32 with 16-bit x.
+        backend: 'auto' (the compiled CPU path for CPU tensors where it builds, PyTorch otherwise),
+            'torch' or 'cpu'; 'triton' runs as 'auto' (no Triton kernel: on CUDA the PyTorch path).
+    Returns:
+        (b, l, 2, d) in x's dtype, contiguous: route 0 = silu(causal conv of x) (Mamba's conv1d),
+        y_0[t] = silu(b_0 + sum_k w_0[k] x[t-(K-1)+k]); route 1 = the causal conv over the reversed
+        sequence, put back in this order: y_1[t] = silu(b_1 + sum_k w_1[k] x[t+(K-1)-k]) (zero padding
+        outside the sequence).
+    """
+    _validate_conv(x, weight, bias)
+    wanted = requested_backend(backend)
+    path = resolve_backend("bidirectional_conv1d_silu", "auto" if wanted == "triton" else wanted, x.device, False,
+                           False, cpu_kernel_available, cpu_supports(x, weight, bias))
+    if x.numel() == 0:
+        return x.new_zeros(x.shape[0], x.shape[1], 2, x.shape[2])
+    if path == "cpu":
+        return cpu_bidirectional_conv1d_silu(x, weight, bias)
+    return torch_bidirectional_conv1d_silu(x, weight, bias)

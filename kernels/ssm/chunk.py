@@ -113,25 +113,28 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return y
 
 
-def _route_order(H, W, r, device):
-    """Spatial (raster) index of the token scanned at each step of route r."""
+def _route_order(H, W, r, routes, device):
+    """Spatial (raster) index of the token scanned at each step of route r of ``routes`` (0 raster,
+    1 column-major, 2 and 3 reversed; with 2 routes raster and reversed raster)."""
+    k = r * (4 // routes)
     idx = torch.arange(H * W, device=device).view(H, W)
-    seq = idx.flatten() if r % 2 == 0 else idx.t().flatten()
-    return seq.flip(0) if r >= 2 else seq
+    seq = idx.flatten() if k % 2 == 0 else idx.t().flatten()
+    return seq.flip(0) if k >= 2 else seq
 
 
-def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4):
+def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
     """Inputs already validated (shapes as in ``cross_selective_scan``); returns (b, d, H, W) in u's dtype.
 
     All routes run as one grouped selective scan over R*d channels (group r = route r), on copies of
-    the inputs gathered into each route's order; the outputs are scattered back and summed.
+    the inputs gathered into each route's order; the outputs are scattered back, summed and gated by
+    silu(z) (the gate is per grid position, so gating the sum equals gating every route).
     """
-    b, d, H, W = u.shape
+    b, (d, H, W) = u.shape[0], u.shape[-3:]
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
     R, n, Lt = routes, A.shape[-1], H * W
-    order = torch.stack([_route_order(H, W, r, u.device) for r in range(R)])      # (R, L)
-    u_flat = u.reshape(b, 1, d, Lt)
-    u_r = u_flat.expand(b, R, d, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
+    order = torch.stack([_route_order(H, W, r, R, u.device) for r in range(R)])   # (R, L)
+    u_flat = u.reshape(b, -1, d, Lt).expand(b, R, d, Lt)                          # shared u: a broadcast
+    u_r = u_flat.gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
     delta_r = delta.reshape(b, R, d, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
     B_r = B.reshape(b, R, n, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, n, Lt))
     C_r = C.reshape(b, R, n, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, n, Lt))
@@ -143,4 +146,6 @@ def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta
     # un-route: y_spatial[..., order[r, t]] = y[..., r, t], summed over routes
     out = torch.zeros(b, d, Lt, dtype=cd, device=u.device)
     out.index_add_(2, order.reshape(-1), y.permute(0, 2, 1, 3).reshape(b, d, R * Lt))
+    if z is not None:
+        out = out * F.silu(z.reshape(b, d, Lt).to(cd))
     return out.view(b, d, H, W).to(u.dtype)

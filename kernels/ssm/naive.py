@@ -2,8 +2,8 @@
 
 Slow by design: they are the tests' ground truth. ``naive_selective_scan`` follows mamba_ssm's
 ``selective_scan_ref`` step by step; ``naive_cross_selective_scan`` builds every route by explicit
-flips/transposes of the inputs, runs the single-route reference per route, undoes the route and sums
-(VMamba's CrossScan / CrossMerge).
+flips/transposes of the inputs (the shared or the route's own u, and z), runs the single-route reference
+per route (gated by its reordered z), undoes the route and sums (VMamba's CrossScan / CrossMerge).
 """
 from __future__ import annotations
 
@@ -46,33 +46,43 @@ def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, x) if return_last_state else out
 
 
-def route_forward(x, r):
-    """(..., H, W) -> (..., H*W) in route r's scan order: 0 raster, 1 column-major, 2 and 3 reversed."""
-    seq = x.flatten(-2) if r % 2 == 0 else x.transpose(-1, -2).flatten(-2)
-    return seq.flip(-1) if r >= 2 else seq
+def route_kind(r, routes=4):
+    """Scan order of route r of ``routes``: 0 raster, 1 column-major, 2 and 3 their reverses.
+
+    With 4 routes route r has order r; with 2 (Vim) the routes are raster and reversed raster; with 1 raster."""
+    return r * (4 // routes)
 
 
-def route_backward(seq, r, H, W):
+def route_forward(x, r, routes=4):
+    """(..., H, W) -> (..., H*W) in the scan order of route r of ``routes`` (see ``route_kind``)."""
+    k = route_kind(r, routes)
+    seq = x.flatten(-2) if k % 2 == 0 else x.transpose(-1, -2).flatten(-2)
+    return seq.flip(-1) if k >= 2 else seq
+
+
+def route_backward(seq, r, H, W, routes=4):
     """The inverse of ``route_forward``: (..., H*W) in route r's order -> (..., H, W)."""
-    if r >= 2:
+    k = route_kind(r, routes)
+    if k >= 2:
         seq = seq.flip(-1)
-    if r % 2 == 0:
+    if k % 2 == 0:
         return seq.unflatten(-1, (H, W))
     return seq.unflatten(-1, (W, H)).transpose(-1, -2)
 
 
-def naive_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4):
-    """u: (b, d, H, W); delta: (b, R, d, H, W); A: (R, d, n); B, C: (b, R, n, H, W); D, delta_bias: (R, d).
+def naive_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
+    """u: (b, d, H, W) shared or (b, R, d, H, W) per route; delta: (b, R, d, H, W); A: (R, d, n);
+    B, C: (b, R, n, H, W); D, delta_bias: (R, d); z: optional (b, d, H, W) gate.
 
-    The sum over routes of the single-route scan run on each route's explicitly reordered copy of the
-    inputs, placed back on the grid. Returns (b, d, H, W) in u's dtype.
+    The sum over routes of the single-route scan (gated by silu(z)) run on each route's explicitly
+    reordered copy of the inputs, placed back on the grid. Returns (b, d, H, W) in u's dtype.
     """
     H, W = u.shape[-2:]
     out = 0
     for r in range(routes):
-        y = naive_selective_scan(route_forward(u, r), route_forward(delta[:, r], r), A[r],
-                                 route_forward(B[:, r], r), route_forward(C[:, r], r),
-                                 None if D is None else D[r], None,
+        fwd = lambda t: route_forward(t, r, routes)  # noqa: E731
+        y = naive_selective_scan(fwd(u[:, r] if u.ndim == 5 else u), fwd(delta[:, r]), A[r], fwd(B[:, r]),
+                                 fwd(C[:, r]), None if D is None else D[r], None if z is None else fwd(z),
                                  None if delta_bias is None else delta_bias[r], delta_softplus)
-        out = out + route_backward(y.double(), r, H, W)
+        out = out + route_backward(y.double(), r, H, W, routes)
     return out.to(u.dtype)

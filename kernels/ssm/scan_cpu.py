@@ -1,20 +1,26 @@
-"""Fused CPU path of the selective scans: a serial recurrence in compiled C, vectorised over channels.
+"""Fused CPU path of the selective scans: a serial recurrence in compiled C, vectorised over channels
+(and of ``bidirectional_conv1d_silu``, Vim's two depthwise convs + SiLU, in one pass over the tokens).
 
 The chunked PyTorch path (``chunk.py``) is bounded by memory traffic: it materialises a dozen
 (b, d, n, l) tensors, ~100 MB each for Vim-T at 1024^2 (l = 4097, d = 384, n = 16). This path keeps
 the (VB channels x n states) state block in registers / L1 and streams each token once:
 
     for each (batch, block of VB channels), for each route, for each token t in the route's order:
-        a = exp(clamp(delta_t A, +-30)); h = a h + delta_t u_t B_t; y_t += <h, C_t> + D u_t
+        a = exp(clamp(delta_t A, +-30)); h = a h + delta_t u_t B_t; y_t += (<h, C_t> + D u_t) silu(z_t)
 
 Inputs are laid out token-major, (b, [R,] l, d), so a channel block is one contiguous vector load;
-routes read tokens by index arithmetic (no flipped / transposed copies). The library is built once
-per machine with the system C compiler (``cc -O3 -march=native -ffast-math``) into
-``~/.cache/visionlin`` (override with ``VISIONLIN_CACHE``) and called through ctypes, which drops the
-GIL, so a small thread pool runs channel blocks in parallel (``torch.get_num_threads()`` workers).
+routes read tokens by index arithmetic (no flipped / transposed copies), and their input u by a route
+stride (0 when u is shared). The library is built once per machine with the system C compiler
+(``cc -O3 -march=native -ffast-math -fopenmp``) into ``~/.cache/visionlin`` (override with
+``VISIONLIN_CACHE``) and called through ctypes, which drops the GIL. Channel blocks (token rows for
+the conv) run in parallel in ``torch.get_num_threads()`` parts on PyTorch's own OpenMP threads: built
+by GCC, the library's libgomp dependency resolves to the libgomp PyTorch already loaded, so no second
+thread pool competes with PyTorch's workers, which spin-wait for a while after every op (a separate
+pool lost ~40% of the scan's time to them). A compiler without OpenMP builds it without, and a Python
+thread pool runs the parts.
 Where no compiler is available ``auto`` silently keeps the PyTorch path.
 
-Forward only in C: gradients come from the PyTorch path, recomputed in backward (CPU training is
+Forward only in C: gradients come from the PyTorch paths, recomputed in backward (CPU training is
 rare and this keeps one differentiable implementation to trust). float32 compute; 16-bit inputs are
 upcast, float64 inputs stay on the PyTorch path.
 """
@@ -34,9 +40,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan
+from .conv import torch_bidirectional_conv1d_silu
 
 VB = 16  # channels per block: one AVX-512 vector of float32, two AVX2 vectors
 
@@ -46,13 +52,13 @@ _SOURCE = r"""
 
 #define VB %(VB)d
 #define CLAMP %(CLAMP)ff
+#define LOG2E 1.4426950408889634f
 
-/* exp(x) for |x| <= CLAMP: 2^(x log2 e) = 2^i 2^f, f in [-1/2, 1/2]; 2^f by a degree-6 polynomial
-   (least squares on 200 Chebyshev nodes, max relative error 1.8e-8, below float32 rounding), 2^i by
-   exponent bits. Inlines and vectorises, unlike a libm call. */
-static inline float exp_clamped(float x) {
-    const float t = x * 1.4426950408889634f;
-    const float i = floorf(t + 0.5f);
+/* 2^t for |t| <= CLAMP log2(e): 2^i 2^f with i = rint(t), f in [-1/2, 1/2]; 2^f by a degree-6
+   polynomial (least squares on 200 Chebyshev nodes, max relative error 1.8e-8, below float32 rounding),
+   2^i by exponent bits. Inlines and vectorises, unlike a libm call. */
+static inline float exp2_clamped(float t) {
+    const float i = rintf(t);
     const float f = t - i;
     float p = 1.5469731975e-4f;
     p = p * f + 1.3400432165e-3f; p = p * f + 9.6180256029e-3f; p = p * f + 5.5503272142e-2f;
@@ -62,10 +68,14 @@ static inline float exp_clamped(float x) {
     return p * s.f;
 }
 
-/* spatial (raster) index of the token scanned at step i of route r on an H x W grid */
-static inline int64_t route_pos(int64_t i, int64_t r, int64_t H, int64_t W, int64_t L) {
-    int64_t j = r >= 2 ? L - 1 - i : i;
-    return (r & 1) ? (j %% H) * W + j / H : j;
+/* exp(x) for |x| <= CLAMP */
+static inline float exp_clamped(float x) { return exp2_clamped(x * LOG2E); }
+
+/* spatial (raster) index of the token scanned at step i in order k (0 raster, 1 column-major, 2 and 3
+   reversed) on an H x W grid */
+static inline int64_t route_pos(int64_t i, int64_t k, int64_t H, int64_t W, int64_t L) {
+    int64_t j = k >= 2 ? L - 1 - i : i;
+    return (k & 1) ? (j %% H) * W + j / H : j;
 }
 
 /* log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], odd series to s^13 (error < 1e-8) */
@@ -76,9 +86,10 @@ static inline float log1p_unit(float e) {
     return 2.f * s * (p * s2 + 1.f);
 }
 
-/* Strides, in elements, of the inputs (st[]): u (b, t, c), delta (b, r, t, c), B (b, r, t, n), C (b, r, t, n),
-   z (b, t, c). Tokens t index the raster (row-major) grid. out is (b, L, d) contiguous. */
-enum { U_B, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T, C_N, Z_B, Z_T, Z_C, N_STRIDES };
+/* Strides, in elements, of the inputs (st[]): u (b, r, t, c) (U_R = 0: shared by the routes),
+   delta (b, r, t, c), B (b, r, t, n), C (b, r, t, n), z (b, t, c). Tokens t index the raster (row-major)
+   grid. out is (b, L, d) contiguous. */
+enum { U_B, U_R, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T, C_N, Z_B, Z_T, Z_C, N_STRIDES };
 
 /* One block of nv <= VB channels from c0, every route, every token. Its inputs are gathered into
    VB-wide local arrays (zero padded), so the n-state update is a fixed-width vector loop whatever the
@@ -91,7 +102,8 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
     const int64_t L = H * W;
     float *Ab = h + n * VB;                                   /* this route's A block, (n, VB) */
     for (int64_t r = 0; r < R; r++) {
-        const float *ur = u + bi * st[U_B] + c0 * st[U_C];
+        const int64_t order = r * (4 / R);                    /* R = 2: raster and reversed raster */
+        const float *ur = u + bi * st[U_B] + r * st[U_R] + c0 * st[U_C];
         const float *dr = delta + bi * st[D_B] + r * st[D_R] + c0 * st[D_C];
         const float *Br = Bm + bi * st[B_B] + r * st[B_R], *Cr = Cm + bi * st[C_B] + r * st[C_R];
         const float *zr = z ? z + bi * st[Z_B] + c0 * st[Z_C] : 0;
@@ -100,11 +112,11 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
             Dv[j] = (D && j < nv) ? D[r * d + c0 + j] : 0.f;
             bv[j] = (bias && j < nv) ? bias[r * d + c0 + j] : 0.f;
         }
-        for (int64_t k = 0; k < n; k++)                       /* A: (R, n, d) */
-            for (int64_t j = 0; j < VB; j++) Ab[k * VB + j] = j < nv ? A[(r * n + k) * d + c0 + j] : 0.f;
+        for (int64_t k = 0; k < n; k++)                       /* A: (R, n, d), kept as A log2(e) */
+            for (int64_t j = 0; j < VB; j++) Ab[k * VB + j] = j < nv ? A[(r * n + k) * d + c0 + j] * LOG2E : 0.f;
         for (int64_t k = 0; k < n * VB; k++) h[k] = 0.f;
         for (int64_t i = 0; i < L; i++) {
-            const int64_t p = route_pos(i, r, H, W, L);
+            const int64_t p = route_pos(i, order, H, W, L);
             const float *dt = dr + p * st[D_T], *ut = ur + p * st[U_T];
             const float *Bt = Br + p * st[B_T], *Ct = Cr + p * st[C_T];
             float dtv[VB], uv[VB], du[VB], y[VB];
@@ -130,8 +142,9 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
                 float *restrict hk = h + k * VB;
                 #pragma omp simd
                 for (int64_t j = 0; j < VB; j++) {
-                    const float x = fminf(fmaxf(dtv[j] * Ak[j], -CLAMP), CLAMP);
-                    const float hj = exp_clamped(x) * hk[j] + du[j] * bk;
+                    /* exp(clamp(delta A, +-CLAMP)) = 2^clamp(delta A log2(e), +-CLAMP log2(e)) */
+                    const float t = fminf(fmaxf(dtv[j] * Ak[j], -CLAMP * LOG2E), CLAMP * LOG2E);
+                    const float hj = exp2_clamped(t) * hk[j] + du[j] * bk;
                     hk[j] = hj;
                     y[j] += hj * ck;
                 }
@@ -155,23 +168,78 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
     }
 }
 
-/* blocks [blk0, blk1) of the flattened (batch, channel block) range; work holds 2 n VB floats */
+/* Work split: items [0, total) in ``parts`` equal parts; a call runs parts [p0, p1). Built with OpenMP, the
+   parts of one call run in parallel on the process' OpenMP threads, which are PyTorch's own (the loader
+   shares the libgomp PyTorch loaded): no second thread pool competing with PyTorch's spin-waiting
+   workers. Without OpenMP the caller runs each part on a thread of its own. */
+int has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses work + 2 n VB p */
 void scan_fwd(const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
               const float *Cm, const float *D, const float *z, float *out, float *last, float *work,
               const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t H, int64_t W, int64_t R,
-              int64_t blk0, int64_t blk1) {
+              int64_t total, int64_t parts, int64_t p0, int64_t p1) {
     const int64_t nblk = (d + VB - 1) / VB;
-    for (int64_t q = blk0; q < blk1; q++) {
-        const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
-        if (nv == VB && st[U_C] == 1 && st[D_C] == 1 && (!z || st[Z_C] == 1))
-            block(1, u, delta, bias, A, Bm, Cm, D, z, out, last, work, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
-        else
-            block(0, u, delta, bias, A, Bm, Cm, D, z, out, last, work, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+    #pragma omp parallel for num_threads(p1 - p0) schedule(static, 1)
+    for (int64_t p = p0; p < p1; p++)
+        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) {
+            const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
+            float *h = work + 2 * n * VB * p;
+            if (nv == VB && st[U_C] == 1 && st[D_C] == 1 && (!z || st[Z_C] == 1))
+                block(1, u, delta, bias, A, Bm, Cm, D, z, out, last, h, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+            else
+                block(0, u, delta, bias, A, Bm, Cm, D, z, out, last, h, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+        }
+}
+
+static inline float silu(float v) { return v / (1.f + exp_clamped(fminf(fmaxf(-v, -CLAMP), CLAMP))); }
+
+/* One token row t of the bidirectional depthwise conv + SiLU: out[0] = silu(b_0 + sum_k w_0[k] x[t-(K-1)+k]),
+   out[1] = silu(b_1 + sum_k w_1[k] x[t+(K-1)-k]), zero padded. x (b, l, d) with strides xs (in elements),
+   w (2, K, d) and bias (2, d) contiguous, out (b, l, 2, d) contiguous. ``unit`` (unit channel stride) is a
+   compile-time constant in each inlined copy, so that the channel loops are plain vector loops. */
+static inline __attribute__((always_inline)) void conv_row(const int unit, const float *x, const float *w,
+                  const float *bias, float *out, const int64_t *xs, int64_t bi, int64_t t, int64_t l,
+                  int64_t d, int64_t K) {
+    for (int64_t r = 0; r < 2; r++) {
+        float *restrict o = out + ((bi * l + t) * 2 + r) * d;
+        for (int64_t c = 0; c < d; c++) o[c] = bias ? bias[r * d + c] : 0.f;
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t s = r == 0 ? t - (K - 1) + k : t + (K - 1) - k;
+            if (s < 0 || s >= l) continue;                   /* zero padding */
+            const float *restrict xk = x + bi * xs[0] + s * xs[1];
+            const float *restrict wk = w + (r * K + k) * d;
+            if (unit)
+                #pragma omp simd
+                for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c];
+            else
+                for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c * xs[2]];
+        }
+        #pragma omp simd
+        for (int64_t c = 0; c < d; c++) o[c] = silu(o[c]);
     }
+}
+
+/* items: the flattened (batch, token) range, total = b l */
+void conv_fwd(const float *x, const float *w, const float *bias, float *out, const int64_t *xs, int64_t l,
+              int64_t d, int64_t K, int64_t total, int64_t parts, int64_t p0, int64_t p1) {
+    #pragma omp parallel for num_threads(p1 - p0) schedule(static, 1)
+    for (int64_t p = p0; p < p1; p++)
+        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) {
+            if (xs[2] == 1) conv_row(1, x, w, bias, out, xs, q / l, q %% l, l, d, K);
+            else conv_row(0, x, w, bias, out, xs, q / l, q %% l, l, d, K);
+        }
 }
 """
 
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11"]
+_OPENMP = "-fopenmp"  # used where the compiler has it
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _load_error: Optional[str] = None
@@ -200,23 +268,30 @@ def _build() -> ctypes.CDLL:
     compiler = shlex.split(os.environ.get("CC", "")) or [c for c in ("cc", "gcc", "clang") if shutil.which(c)][:1]
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}; cc, gcc, clang not on PATH)")
-    key = hashlib.sha256("\0".join([source, *compiler, *_FLAGS, _machine_tag()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"selective_scan_{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / "scan.c"
-            src.write_text(source)
-            built = Path(tmp) / target.name
-            proc = subprocess.run([*compiler, *_FLAGS, str(src), "-o", str(built), "-lm"], capture_output=True,
-                                  text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{compiler[0]} failed to build the CPU scan kernel:\n{proc.stderr[-2000:]}")
-            os.replace(built, target)  # atomic: concurrent builders never see a half-written library
-    lib = ctypes.CDLL(str(target))
-    lib.scan_fwd.restype = None
-    lib.scan_fwd.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 8
-    return lib
+    errors = []
+    for flags in ([*_FLAGS, _OPENMP], _FLAGS):
+        key = hashlib.sha256("\0".join([source, *compiler, *flags, _machine_tag()]).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"selective_scan_{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                src = Path(tmp) / "scan.c"
+                src.write_text(source)
+                built = Path(tmp) / target.name
+                proc = subprocess.run([*compiler, *flags, str(src), "-o", str(built), "-lm"], capture_output=True,
+                                      text=True)
+                if proc.returncode != 0:
+                    errors.append(proc.stderr[-2000:])
+                    continue
+                os.replace(built, target)  # atomic: concurrent builders never see a half-written library
+        lib = ctypes.CDLL(str(target))
+        lib.has_openmp.restype = ctypes.c_int
+        lib.scan_fwd.restype = None
+        lib.scan_fwd.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 10
+        lib.conv_fwd.restype = None
+        lib.conv_fwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+        return lib
+    raise RuntimeError(f"{compiler[0]} failed to build the CPU scan kernel:\n{errors[-1]}")
 
 
 def cpu_kernel_available() -> bool:
@@ -247,36 +322,55 @@ def _f32(t: Optional[torch.Tensor], contiguous: bool = False) -> Optional[torch.
     return t.contiguous() if contiguous else t
 
 
-def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_state) -> torch.Tensor:
-    """u (b, L, d), delta (b, R, L, d), B/C (b, R, L, n), z (b, L, d) or None: any strides (read in place);
-    delta_bias (R, d), A (R, n, d), D (R, d): made contiguous. Returns out (b, L, d), contiguous; fills
-    last_state (b, d, n) when given."""
+def _parallel(fn, args, total: int) -> None:
+    """fn(*args, total, parts, p0, p1) (a kernel of the library) over items [0, total) in
+    torch.get_num_threads() parts: one call on the OpenMP threads PyTorch uses where the library has
+    OpenMP, else one call per part on a thread pool (ctypes drops the GIL)."""
     global _pool
+    parts = max(1, min(torch.get_num_threads(), total))
+    if parts == 1 or _lib.has_openmp():
+        fn(*args, total, parts, 0, parts)
+        return
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="visionlin-scan")
+    list(_pool.map(lambda p: fn(*args, total, parts, p, p + 1), range(parts)))
+
+
+def _require_kernel() -> None:
     if not cpu_kernel_available():
         raise RuntimeError(f"the compiled CPU scan is unavailable: {_load_error}")
+
+
+def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_state) -> torch.Tensor:
+    """u (b, 1 or R, L, d) (one input shared by the routes, or one per route), delta (b, R, L, d),
+    B/C (b, R, L, n), z (b, L, d) or None: any strides (read in place); delta_bias (R, d), A (R, n, d),
+    D (R, d): made contiguous. Returns out (b, L, d), contiguous; fills last_state (b, d, n) when given."""
+    _require_kernel()
     u, delta, B, C, z = (_f32(t) for t in (u, delta, B, C, z))
     delta_bias, A, D = (_f32(t, contiguous=True) for t in (delta_bias, A, D))
-    b, L, d = u.shape
+    b, L, d = u.shape[0], u.shape[2], u.shape[3]
     n = A.shape[1]
     out = torch.empty(b, L, d, dtype=torch.float32)
-    strides = torch.tensor([*u.stride(), *delta.stride(), *B.stride(), *C.stride(),
-                            *(z.stride() if z is not None else (0, 0, 0))], dtype=torch.int64)
+    su = u.stride()
+    strides = torch.tensor([su[0], su[1] if u.shape[1] > 1 else 0, su[2], su[3], *delta.stride(), *B.stride(),
+                            *C.stride(), *(z.stride() if z is not None else (0, 0, 0))], dtype=torch.int64)
     total = b * -(-d // VB)
-    workers = max(1, min(torch.get_num_threads(), total))
-    works = [torch.empty(2 * n * VB, dtype=torch.float32) for _ in range(workers)]
-    args = [_ptr(t) for t in (u, delta, delta_bias, A, B, C, D, z, out, last_state)]
+    work = torch.empty(min(torch.get_num_threads(), total), 2 * n * VB, dtype=torch.float32)  # one row per part
+    args = [_ptr(t) for t in (u, delta, delta_bias, A, B, C, D, z, out, last_state, work, strides)]
+    _parallel(_lib.scan_fwd, [*args, int(delta_softplus), d, n, H, W, R], total)
+    return out
 
-    def task(w: int) -> None:
-        lo, hi = total * w // workers, total * (w + 1) // workers
-        _lib.scan_fwd(*args, _ptr(works[w]), _ptr(strides), int(delta_softplus), d, n, H, W, R, lo, hi)
 
-    if workers == 1:
-        task(0)
-    else:
-        with _lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="visionlin-scan")
-        list(_pool.map(task, range(workers)))
+def _conv(x, weight, bias) -> torch.Tensor:
+    """x (b, l, d) any strides (read in place), weight (2, d, K), bias (2, d) or None -> (b, l, 2, d) float32."""
+    _require_kernel()
+    x = _f32(x)
+    wt, bias = _f32(weight.transpose(1, 2), contiguous=True), _f32(bias, contiguous=True)   # wt: (2, K, d)
+    b, l, d = x.shape
+    out = torch.empty(b, l, 2, d, dtype=torch.float32)
+    strides = torch.tensor(x.stride(), dtype=torch.int64)
+    _parallel(_lib.conv_fwd, [*(_ptr(t) for t in (x, wt, bias, out, strides)), l, d, weight.shape[2]], b * l)
     return out
 
 
@@ -311,9 +405,9 @@ class _SelectiveScan(torch.autograd.Function):
         for g in range(G):  # groups run on their channel slice (one call when ungrouped)
             cs = slice(g * dg, (g + 1) * dg)
             last = torch.zeros(b, dg, n, dtype=torch.float32) if return_last_state else None
-            outs.append(_run(tokens(u, cs), tokens(delta, cs).unsqueeze(1), per_channel(delta_bias, cs), delta_softplus,
-                             A[cs].t().unsqueeze(0), group(B, g), group(C, g), per_channel(D, cs), tokens(z, cs),
-                             1, 1, l, last))
+            outs.append(_run(tokens(u, cs).unsqueeze(1), tokens(delta, cs).unsqueeze(1), per_channel(delta_bias, cs),
+                             delta_softplus, A[cs].t().unsqueeze(0), group(B, g), group(C, g), per_channel(D, cs),
+                             tokens(z, cs), 1, 1, l, last))
             lasts.append(last)
         y = (outs[0] if G == 1 else torch.cat(outs, dim=-1)).transpose(1, 2).to(u.dtype)
         if return_last_state:  # the last state is an output only (not differentiable on this path)
@@ -331,20 +425,38 @@ class _SelectiveScan(torch.autograd.Function):
 
 class _CrossSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, routes):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes):
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z)
         ctx.delta_softplus, ctx.routes = delta_softplus, routes
-        b, d, H, W = u.shape
+        H, W = u.shape[-2:]
         tokens = lambda t: t.flatten(-2).transpose(-1, -2)  # noqa: E731  (..., c, H, W) -> (..., L, c) view
-        o = _run(tokens(u), tokens(delta), delta_bias, delta_softplus, A.transpose(1, 2), tokens(B), tokens(C), D,
-                 None, routes, H, W, None)
+        o = _run(tokens(u if u.ndim == 5 else u.unsqueeze(1)), tokens(delta), delta_bias, delta_softplus,
+                 A.transpose(1, 2), tokens(B), tokens(C), D, None if z is None else tokens(z), routes, H, W, None)
         return o.transpose(1, 2).unflatten(-1, (H, W)).to(u.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        wanted, leaves, y = _recompute_grads(ctx, chunk_cross_selective_scan, ctx.delta_softplus, ctx.routes)
+        wanted, leaves, y = _recompute_grads(ctx, _chunk_cross, ctx.delta_softplus, ctx.routes)
         grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
         return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
+
+
+def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes):
+    """``chunk_cross_selective_scan`` with _CrossSelectiveScan's argument order."""
+    return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
+
+
+class _BidirectionalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return _conv(x, weight, bias).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        wanted, leaves, y = _recompute_grads(ctx, torch_bidirectional_conv1d_silu)
+        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
 
 
 def _check_supported(op: str, *tensors) -> None:
@@ -361,7 +473,13 @@ def cpu_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4):
-    """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype."""
-    _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias)
-    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, routes)
+def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
+    """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype (channels-last)."""
+    _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias, z)
+    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes)
+
+
+def cpu_bidirectional_conv1d_silu(x, weight, bias=None):
+    """Inputs validated by ``bidirectional_conv1d_silu``; returns (b, l, 2, d) in x's dtype, contiguous."""
+    _check_supported("bidirectional_conv1d_silu", x, weight, bias)
+    return _BidirectionalConv.apply(x, weight, bias)

@@ -5,6 +5,12 @@ conv1d (k4) + SiLU, x_proj (-> dt_rank | B | C), dt_proj (softplus with bias), A
 the backward direction scans the reversed sequence. Each direction's output is gated by SiLU(z)
 (of its own token order); out = out_proj((y_fwd + flip(y_bwd)) / 2). Both directions run on every
 path (the official non-fused path silently runs only the forward one).
+
+Computed without flipping anything: the backward direction's causal conv over the reversed sequence
+is an anti-causal conv over the original order, and x_proj / dt_proj are per token, so both
+directions' inputs are built in the original order (``bidirectional_conv1d_silu``), and one two-route
+``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward, route 1 reversed raster =
+backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-from ..kernels import selective_scan
+from ..kernels.ssm import bidirectional_conv1d_silu, cross_selective_scan
 
 
 class _Direction(nn.Module):
@@ -58,27 +64,26 @@ class BiMambaMixer(nn.Module):
                 d.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
                 d.D.fill_(1.0)
 
-    def _scan(self, d: _Direction, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x, z: (B, L, d_inner) in this direction's order -> gated output (B, L, d_inner).
-
-        Token-major throughout: the conv is a sum of shifted slices (no (B, d, L) copies), and the
-        scan reads its inputs as transposed views, which the compiled CPU scan takes in place."""
-        L, K = x.shape[1], d.conv1d.kernel_size[0]
-        w = d.conv1d.weight.squeeze(1)                        # (d_inner, K), causal: pad K-1 on the left
-        xp = F.pad(x, (0, 0, K - 1, 0))
-        xc = torch.addcmul(d.conv1d.bias, xp[:, :L], w[:, 0])
-        for k in range(1, K):
-            xc = xc.addcmul_(xp[:, k:k + L], w[:, k])
-        x = F.silu(xc)
-        dt, B, C = d.x_proj(x).split((self.dt_rank, self.d_state, self.d_state), dim=-1)
-        delta = F.linear(dt, d.dt_proj.weight)
-        A = -torch.exp(d.A_log.float())
-        y = selective_scan(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                           d.D.float(), z=z.transpose(1, 2), delta_bias=d.dt_proj.bias.float(), delta_softplus=True)
-        return y.transpose(1, 2)
+    def _routes(self, name: str) -> torch.Tensor:
+        """The two directions' parameter ``name`` stacked on a route axis: (2, ...)."""
+        return torch.stack([self.fwd.get_parameter(name), self.bwd.get_parameter(name)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_in, z = self.in_proj(x).chunk(2, dim=-1)              # (B, L, d_inner) each
-        y = self._scan(self.fwd, x_in, z)
-        y_b = self._scan(self.bwd, x_in.flip(1), z.flip(1)).flip(1)
-        return self.out_proj((y + y_b) / 2)
+        """x: (B, L, dim) -> (B, L, dim). Per-route tensors are token-major buffers handed to the scan as
+        transposed views, which its compiled CPU and Triton paths read in place."""
+        x_in, z = self.in_proj(x).chunk(2, dim=-1)              # (B, L, d_inner) views
+        u = bidirectional_conv1d_silu(x_in, self._routes("conv1d.weight").squeeze(2),
+                                      self._routes("conv1d.bias"))    # (B, L, 2, d_inner): fwd, bwd
+        directions = (self.fwd, self.bwd)
+        x_dbl = torch.stack([d.x_proj(u[:, :, r]) for r, d in enumerate(directions)], dim=2)
+        dt, B, C = x_dbl.split((self.dt_rank, self.d_state, self.d_state), dim=-1)   # (B, L, 2, .)
+        delta = torch.stack([F.linear(dt[:, :, r], d.dt_proj.weight) for r, d in enumerate(directions)],
+                            dim=1)                              # (B, 2, L, d_inner): two block copies
+        grid = lambda t: t.movedim(-2, -1).unsqueeze(-2)  # noqa: E731  (..., L, c) -> (..., c, 1, L) view
+        route_major = lambda t: t.movedim(2, 1)  # noqa: E731  (B, L, 2, c) -> (B, 2, L, c) view
+        y = cross_selective_scan(grid(route_major(u)), grid(delta), -torch.exp(self._routes("A_log").float()),
+                                 grid(route_major(B)), grid(route_major(C)), self._routes("D").float(),
+                                 self._routes("dt_proj.bias").float(), delta_softplus=True, routes=2,
+                                 z=grid(z))                     # y_fwd + flip(y_bwd): (B, d_inner, 1, L)
+        # the mean of the two directions: the / 2 folded into the (small) output weight
+        return F.linear(y.flatten(2).transpose(1, 2), self.out_proj.weight * 0.5, self.out_proj.bias)

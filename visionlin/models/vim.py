@@ -8,7 +8,8 @@ Stride-16 patch embed, a class token inserted in the middle of the patch sequenc
 learned position embedding (resampled for any input size divisible by 16), 24 blocks of
 "residual += DropPath(h); h = mixer(RMSNorm(residual))" (the residual stream kept in float32),
 final RMSNorm of residual + h, the class token -> Linear. The mixer is
-``visionlin.layers.BiMambaMixer`` on ``visionlin.kernels.selective_scan``.
+``visionlin.layers.BiMambaMixer``: both directions' convs by ``bidirectional_conv1d_silu`` and one two-route
+``cross_selective_scan`` (``visionlin.kernels``), with no flipped copies.
 """
 from __future__ import annotations
 

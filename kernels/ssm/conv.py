@@ -1,0 +1,35 @@
+"""PyTorch path of bidirectional Mamba's two depthwise convolutions + SiLU (Vim), in the original order.
+
+Route 0 is Mamba's causal depthwise conv1d; route 1 is the backward direction's causal conv over the
+reversed sequence, written in the original token order, where it is anti-causal:
+
+    y_0[t] = silu(b_0 + sum_k w_0[k] x[t - (K-1) + k])        (zero padded on the left)
+    y_1[t] = silu(b_1 + sum_k w_1[k] x[t + (K-1) - k])        (zero padded on the right)
+
+so that y_1 = flip(silu(causal_conv(flip(x)))) with no flipped copies. Token-major throughout: each
+tap is one multiply-add of a shifted slice of the zero-padded input (no (b, d, l) copies).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def torch_bidirectional_conv1d_silu(x, weight, bias=None):
+    """Inputs validated by ``bidirectional_conv1d_silu``: x (b, l, d), weight (2, d, K), bias (2, d).
+
+    Returns (b, l, 2, d) in x's dtype, computed in x's dtype (as ``nn.Conv1d`` would)."""
+    K, L = weight.shape[-1], x.shape[1]
+    xp = F.pad(x, (0, 0, K - 1, K - 1))                # x[t] at row t + K - 1
+    w = weight.to(x.dtype)
+    routes = []
+    for r in range(2):
+        # tap k reads x[t - (K-1) + k] (route 0) or x[t + (K-1) - k] (route 1): padded row t + first[k]
+        first = [k if r == 0 else 2 * (K - 1) - k for k in range(K)]
+        y = xp[:, first[0]:first[0] + L] * w[r, :, 0]
+        if bias is not None:
+            y = y + bias[r].to(x.dtype)
+        for k in range(1, K):
+            y = y.addcmul_(xp[:, first[k]:first[k] + L], w[r, :, k])
+        routes.append(y)
+    return F.silu(torch.stack(routes, dim=2))
