@@ -434,19 +434,33 @@ def _atomic_write(path: str, write_fn, mode: str = "w") -> None:
         raise
 
 
-def write_tables(out: str, meta: dict, rows: list[dict]) -> None:
+def write_tables(out: str, meta: dict, rows: list[dict], columns: list[str] = COLUMNS,
+                 name: str = "benchmark") -> None:
+    """``<name>.csv`` (the ``columns`` of every row) and ``<name>.json`` (``{"meta": ..., "rows": [...]}``)."""
     def _csv(f):
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
 
     def _json(f):
-        json.dump({"meta": meta, "rows": [{k: r.get(k) for k in COLUMNS} for r in rows]}, f, indent=2)
+        json.dump({"meta": meta, "rows": [{k: r.get(k) for k in columns} for r in rows]}, f, indent=2)
         f.write("\n")
 
-    _atomic_write(os.path.join(out, "benchmark.csv"), _csv)
-    _atomic_write(os.path.join(out, "benchmark.json"), _json)
+    _atomic_write(os.path.join(out, f"{name}.csv"), _csv)
+    _atomic_write(os.path.join(out, f"{name}.json"), _json)
+
+
+def plain_log_ticks(ax) -> None:
+    """Label a log y axis with plain numbers (0.1, 20, 3000 instead of 1e-01 / 2x10^1), majors and minors."""
+    import matplotlib.ticker
+
+    class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
+    ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
 
 
 def plot(out: str, meta: dict, rows: list[dict]) -> str:
@@ -456,10 +470,6 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     from matplotlib.transforms import blended_transform_factory
-
-    class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
-        def _num_to_string(self, x, vmin, vmax):  # 0.1, 20, 3000 instead of 1e-01 / 2x10^1
-            return f"{x:g}"
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
     panels = [("throughput_img_s", "throughput (img/s, log)", "Throughput vs resolution"),
@@ -488,8 +498,7 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
             ax.set_ylim(lo, hi)
         else:
             ax.set_ylim(0.1, 10)
-        ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
-        ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
+        plain_log_ticks(ax)
         ax.set_xscale("log", base=2)
         ax.set_xticks(resolutions)
         ax.set_xticklabels([str(r) for r in resolutions])

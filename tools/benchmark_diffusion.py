@@ -64,7 +64,6 @@ markdown table and the slope table go to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -417,21 +416,6 @@ def scaling_slopes(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_tables(out: str, meta: dict, rows: list[dict]) -> None:
-    def _csv(f):
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-
-    def _json(f):
-        json.dump({"meta": meta, "rows": [{k: r.get(k) for k in COLUMNS} for r in rows]}, f, indent=2)
-        f.write("\n")
-
-    _bench._atomic_write(os.path.join(out, f"{OUT_NAME}.csv"), _csv)
-    _bench._atomic_write(os.path.join(out, f"{OUT_NAME}.json"), _json)
-
-
 def plot(out: str, meta: dict, rows: list[dict]) -> str:
     import matplotlib
 
@@ -439,10 +423,6 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
     from matplotlib.transforms import blended_transform_factory
-
-    class _PlainLogFormatter(matplotlib.ticker.LogFormatter):
-        def _num_to_string(self, x, vmin, vmax):  # 0.1, 20, 3000 instead of 1e-01 / 2x10^1
-            return f"{x:g}"
 
     levels = [lv for lv in LEVELS if any(r["level"] == lv for r in rows)]
     fig, axes = plt.subplots(len(levels), 2, figsize=(13, 4.6 * len(levels)), squeeze=False)
@@ -472,8 +452,7 @@ def plot(out: str, meta: dict, rows: list[dict]) -> str:
             ax.set_yscale("log")
             ys = [y for ok in curves.values() for _, y in ok]
             ax.set_ylim(*((min(ys) / 1.6, max(ys) * 4.0) if ys else (0.1, 10)))  # headroom for failure marks
-            ax.yaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
+            _bench.plain_log_ticks(ax)
             ax.set_xticks(tokens)
             ax.set_xticklabels([f"{n}\n({sizes[n]}²)" for n in tokens])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
@@ -600,12 +579,12 @@ def main(argv=None) -> int:
             print(f"{tag} ... {msg}  ({res.get('wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
         rows.append(row)
         apply_teachers(rows)
-        write_tables(out, meta, rows)
+        _bench.write_tables(out, meta, rows, COLUMNS, OUT_NAME)
 
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
     meta["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     meta["slopes"] = scaling_slopes(rows)
-    write_tables(out, meta, rows)
+    _bench.write_tables(out, meta, rows, COLUMNS, OUT_NAME)
     files = [os.path.join(out, f"{OUT_NAME}.{ext}") for ext in ("csv", "json")]
     if not args.no_plot:
         try:
