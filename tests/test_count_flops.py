@@ -37,9 +37,16 @@ def test_ravlt_counts_rala_linearly_and_its_softmax_stages_quadratically():
 def test_selective_scans_are_counted_per_route_state_and_token():
     vim = count_flops.count_macs(count_flops.build("vim_t", 224), 224)
     L = 14 * 14 + 1  # patches + the middle class token
-    assert vim["mixer"] == pytest.approx(24 * 2 * L * 384 * (2 * 16 + 4) / 1e9)  # 2 directions, conv k4
+    # 2 directions: state update + read-out (d_state 16), dt_proj (dt_rank 12, inside the scan), conv k4
+    assert vim["mixer"] == pytest.approx(24 * 2 * L * 384 * (2 * 16 + 12 + 4) / 1e9)
+    # every linear layer once: in_proj, x_proj (counted as ops), dt_proj (in the mixer count), out_proj,
+    # patch embedding, head
+    linear = 24 * L * (192 * 768 + 2 * 384 * (12 + 32) + 384 * 192) + 196 * 16 * 16 * 3 * 192 + 192 * 1000
+    assert vim["layers"] == pytest.approx(linear / 1e9)
     vmamba = count_flops.build("vmamba_t", 224)
     small, large = (count_flops.count_macs(vmamba, r)["mixer"] for r in (224, 448))
-    stages = [(56, 96, 2), (28, 192, 2), (14, 384, 8), (7, 768, 2)]  # side, d_inner (ssm_ratio 1), depth
-    assert small == pytest.approx(sum(depth * 4 * 2 * s * s * d * 1 for s, d, depth in stages) / 1e9)
+    # side, d_inner (ssm_ratio 1), dt_rank, depth; 4 routes, d_state 1: state update + read-out, dt_proj
+    # (inside the scan) and x_proj (a batched einsum) to dt_rank + 2 d_state
+    stages = [(56, 96, 6, 2), (28, 192, 12, 2), (14, 384, 24, 8), (7, 768, 48, 2)]
+    assert small == pytest.approx(sum(depth * 4 * s * s * d * (2 + r + r + 2) for s, d, r, depth in stages) / 1e9)
     assert large == pytest.approx(4 * small)

@@ -13,7 +13,8 @@ from visionlin.kernels import cross_selective_scan, last_backend, selective_scan
 from visionlin.kernels.ssm import (bidirectional_conv1d_silu, cpu_kernel_available, naive_cross_selective_scan,
                                    naive_selective_scan)
 
-from test_selective_scan_torch import cross_inputs, explicit_bidirectional_conv, max_rel_error, scan_inputs
+from test_selective_scan_torch import (cross_inputs, explicit_bidirectional_conv, low_rank_delta, max_rel_error,
+                                      projected_by_hand, scan_inputs)
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler to build the CPU scan")
 
@@ -90,6 +91,58 @@ def test_cross_scan_reads_vims_token_major_views_in_place():
     ref = cross_selective_scan(*(t.contiguous() for t in args), routes=2, z=z.contiguous())
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     assert out.flatten(2).transpose(1, 2).is_contiguous()     # channels-last: token-major for out_proj
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("d,rank", [(19, 1), (32, 5), (40, 12)])
+def test_delta_projection_inside_the_scan_matches_the_projected_reference(R, d, rank):
+    """The fused dt_proj (full and partial channel blocks, ranks 1 to Vim-T's 12) equals scanning the
+    delta projected beforehand in float64."""
+    u, _, A, B, C, D, bias = cross_inputs(d=d, H=5, W=6, R=R, per_route_u=R == 2)
+    dt, weight = low_rank_delta(d=d, H=5, W=6, R=R, rank=rank)
+    z = torch.randn(2, d, 5, 6)
+    out = cross_selective_scan(u, dt, A, B, C, D, bias, routes=R, z=z, delta_proj_weight=weight)
+    assert last_backend("cross_selective_scan") == "cpu"
+    ref = naive_cross_selective_scan(u.double(), projected_by_hand(dt, weight), A, B.double(), C.double(), D, bias,
+                                     routes=R, z=z.double())
+    assert max_rel_error(out, ref) < 1e-5
+
+
+def test_delta_projection_reads_vims_token_major_low_rank_input_in_place():
+    """dt as Vim hands it: a (b, L, R, rank + 2n) x_proj buffer's slice viewed as (b, R, rank, 1, L)."""
+    b, L, d, n, R, rank = 2, 33, 24, 4, 2, 3
+    x_dbl = torch.randn(b, L, R, rank + 2 * n)
+    grid = lambda t: t.movedim(1, -1).unsqueeze(-2)  # noqa: E731  (b, L, R, c) -> (b, R, c, 1, L) view
+    dt, Bm, Cm = (grid(t) for t in x_dbl.split((rank, n, n), dim=-1))
+    u = torch.randn(b, R, d, 1, L)
+    A, D, bias = -torch.exp(torch.rand(R, d, n) * 2), torch.randn(R, d), torch.rand(R, d) * 0.5
+    weight = torch.randn(R, d, rank) * 0.5
+    assert not dt.is_contiguous()
+    out = cross_selective_scan(u, dt, A, Bm, Cm, D, bias, routes=R, delta_proj_weight=weight)
+    ref = cross_selective_scan(u, torch.einsum("rdk,brkhw->brdhw", weight, dt), A, Bm.contiguous(), Cm.contiguous(),
+                               D, bias, routes=R)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_delta_projection_gradients_and_16bit_inputs():
+    cu = [t.clone().requires_grad_() for t in cross_inputs(d=6, H=4, W=5, R=2, per_route_u=True)]
+    dt, weight = (t.requires_grad_() for t in low_rank_delta(d=6, H=4, W=5, R=2, rank=2))
+    leaves = [cu[0], dt, *cu[2:], weight]
+    gy = torch.randn(2, 6, 4, 5)
+    run = lambda: cross_selective_scan(cu[0], dt, *cu[2:], routes=2, delta_proj_weight=weight)  # noqa: E731
+    g_cpu = torch.autograd.grad(run(), leaves, gy)
+    with use_backend("torch"):
+        g_ref = torch.autograd.grad(run(), leaves, gy)
+    for a, b in zip(g_cpu, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    u, _, A, B, C, D, bias = cross_inputs(d=16, H=3, W=7, R=4)
+    dt, weight = low_rank_delta(d=16, H=3, W=7, R=4, rank=4)
+    half = [t.to(torch.bfloat16) for t in (u, dt, B, C)]
+    out = cross_selective_scan(half[0], half[1], A, half[2], half[3], D, bias, delta_proj_weight=weight)
+    assert out.dtype == torch.bfloat16
+    ref = naive_cross_selective_scan(*(t.double() for t in (half[0], projected_by_hand(half[1], weight), A, half[2],
+                                                             half[3], D, bias)))
+    assert max_rel_error(out, ref) < 1e-2
 
 
 def test_cross_scan_channels_last_inputs():

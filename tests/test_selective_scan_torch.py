@@ -336,6 +336,62 @@ def test_cross_scan_gradcheck_with_per_route_u_and_z():
     assert torch.autograd.gradcheck(lambda *a: cross_selective_scan(*a[:-1], routes=2, z=a[-1]), [*args, z])
 
 
+def low_rank_delta(b=2, d=5, H=6, W=7, R=4, rank=3, dtype=torch.float32):
+    """A low-rank delta input (b, R, rank, H, W) and its projection (R, d, rank) (Mamba's dt_proj)."""
+    return torch.randn(b, R, rank, H, W).to(dtype), torch.randn(R, d, rank) * 0.5
+
+
+def projected_by_hand(dt, weight):
+    """delta[b, r, c, h, w] = sum_k weight[r, c, k] dt[b, r, k, h, w], one route and channel at a time."""
+    b, R, _, H, W = dt.shape
+    out = torch.empty(b, R, weight.shape[1], H, W, dtype=torch.float64)
+    for r in range(R):
+        for c in range(weight.shape[1]):
+            out[:, r, c] = (weight[r, c].double().view(1, -1, 1, 1) * dt[:, r].double()).sum(1)
+    return out
+
+
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("rank", [1, 3])
+def test_delta_projection_equals_scanning_the_projected_delta(R, rank):
+    """delta_proj_weight: delta is the low-rank input, each route's delta its projection (per token)."""
+    u, _, A, B, C, D, bias = cross_inputs(R=R, per_route_u=R == 2)
+    dt, weight = low_rank_delta(R=R, rank=rank)
+    z = torch.randn(2, 5, 6, 7)
+    out = cross_selective_scan(u, dt, A, B, C, D, bias, routes=R, z=z, delta_proj_weight=weight)
+    assert last_backend("cross_selective_scan") == "torch"
+    ref = naive_cross_selective_scan(u.double(), projected_by_hand(dt, weight), A, B.double(), C.double(), D, bias,
+                                     routes=R, z=z.double())
+    assert max_rel_error(out, ref) < 1e-5
+
+
+def test_delta_projection_gradients_match_the_projected_reference():
+    u, _, A, B, C, D, bias = (t.double() for t in cross_inputs(b=1, d=3, H=3, W=4, n=2, R=2))
+    dt, weight = (t.double() for t in low_rank_delta(b=1, d=3, H=3, W=4, R=2, rank=2))
+    leaves = [t.requires_grad_() for t in (u, dt, A, B, C, D, bias, weight)]
+    grads = torch.autograd.grad(cross_selective_scan(*leaves[:7], routes=2, delta_proj_weight=weight).square().sum(),
+                                leaves)
+    delta = torch.einsum("rdk,brkhw->brdhw", weight, dt)
+    ref = torch.autograd.grad(naive_cross_selective_scan(u, delta, A, B, C, D, bias, routes=2).square().sum(), leaves)
+    for name, g, r in zip(("u", "dt", "A", "B", "C", "D", "delta_bias", "delta_proj_weight"), grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dt,weight,match", [
+    (torch.randn(2, 4, 3, 6, 7), torch.randn(4, 5, 2), r"delta_proj_weight must have shape \(R, d, rank\) with R = "
+                                                         r"routes = 4, d of u and rank = delta.shape\[2\]"),
+    (torch.randn(2, 4, 3, 6, 7), torch.randn(2, 5, 3), "delta_proj_weight must have shape"),
+    (torch.randn(2, 4, 3, 6, 7), torch.randn(4, 5), r"delta_proj_weight must have shape \(R, d, rank\)"),
+    (torch.randn(2, 2, 3, 6, 7), torch.randn(4, 5, 3), r"delta must have shape \(b, R, rank, H, W\)"),
+    (torch.randn(2, 4, 0, 6, 7), torch.randn(4, 5, 0), "rank = 0"),
+    (torch.randn(2, 4, 3, 6, 7), torch.randn(4, 5, 3, dtype=torch.float64), "delta_proj_weight must have u's dtype"),
+])
+def test_delta_projection_bad_inputs_raise_errors_naming_them(dt, weight, match):
+    u, _, A, B, C, D, bias = cross_inputs()
+    with pytest.raises(ValueError, match=match):
+        cross_selective_scan(u, dt, A, B, C, D, bias, delta_proj_weight=weight)
+
+
 # ------------------------------------------------------------------ bidirectional conv1d + SiLU
 
 def explicit_bidirectional_conv(x, weight, bias):

@@ -31,7 +31,7 @@ import torch
 
 from .._checks import check_same_device, check_shape, check_tensor
 from .._dispatch import requested_backend, resolve_backend
-from .chunk import chunk_cross_selective_scan, chunk_selective_scan
+from .chunk import chunk_cross_selective_scan, chunk_selective_scan, project_delta
 from .conv import torch_bidirectional_conv1d_silu
 from .naive import naive_cross_selective_scan, naive_selective_scan
 from .scan_cpu import (cpu_bidirectional_conv1d_silu, cpu_cross_selective_scan, cpu_kernel_available,
@@ -143,7 +143,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes) -> None:
+def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes, delta_proj_weight=None) -> None:
     if isinstance(routes, bool) or routes not in ROUTES:
         raise ValueError(f"routes must be one of {ROUTES}, got {routes!r}")
     if not isinstance(u, torch.Tensor) or u.ndim not in (4, 5):
@@ -155,7 +155,7 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes) -> None:
     check_tensor("C", C, 5, "(b, R, n, H, W)")
     named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
     for name, t, nd, layout in (("D", D, 2, "(R, d)"), ("delta_bias", delta_bias, 2, "(R, d)"),
-                                ("z", z, 4, "(b, d, H, W)")):
+                                ("z", z, 4, "(b, d, H, W)"), ("delta_proj_weight", delta_proj_weight, 3, "(R, d, rank)")):
         if t is not None:
             check_tensor(name, t, nd, layout)
             named.append((name, t))
@@ -164,7 +164,16 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes) -> None:
     R, n = routes, A.shape[-1]
     if u.ndim == 5:
         check_shape("u", u, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
-    check_shape("delta", delta, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
+    if delta_proj_weight is None:
+        check_shape("delta", delta, (b, R, d, H, W), f"(b, R, d, H, W) with R = routes = {R}")
+    else:
+        rank = delta.shape[2]
+        check_shape("delta", delta, (b, R, rank, H, W),
+                    f"(b, R, rank, H, W) (the low-rank input of delta_proj_weight) with R = routes = {R}")
+        check_shape("delta_proj_weight", delta_proj_weight, (R, d, rank),
+                    f"(R, d, rank) with R = routes = {R}, d of u and rank = delta.shape[2]")
+        if rank == 0:
+            raise ValueError("delta has rank = 0 channels; the low-rank delta input needs rank >= 1")
     check_shape("A", A, (R, d, n), f"(R, d, n) with R = routes = {R} and d of u")
     for name, M in (("B", B), ("C", C)):
         check_shape(name, M, (b, R, n, H, W), f"(b, R, n, H, W) with R = routes = {R} and n of A")
@@ -174,7 +183,7 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes) -> None:
     if z is not None:
         check_shape("z", z, (b, d, H, W), "(b, d, H, W) with b, d, H, W of u")
     for name, t in named[1:]:
-        _check_dtype(name, t, u, name in ("A", "D", "delta_bias"))
+        _check_dtype(name, t, u, name in ("A", "D", "delta_bias", "delta_proj_weight"))
     if H == 0 or W == 0:
         raise ValueError(f"u has an empty grid H x W = {H} x {W}; cross_selective_scan needs H, W >= 1")
     if n == 0:
@@ -185,6 +194,7 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
                          C: torch.Tensor, D: Optional[torch.Tensor] = None,
                          delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = True,
                          routes: int = 4, z: Optional[torch.Tensor] = None,
+                         delta_proj_weight: Optional[torch.Tensor] = None,
                          backend: Optional[str] = None) -> torch.Tensor:
     """Multi-route selective scan over an image grid, merged back onto the grid (VMamba's SS2D core;
     Vim's two directions with routes=2 on a 1 x L grid).
@@ -198,24 +208,30 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
             column, routes 2 and 3 are routes 0 and 1 reversed; with 2, raster and reversed raster;
             with 1, raster.
         z: optional (b, d, H, W) gate: the summed output is multiplied by silu(z).
+        delta_proj_weight: optional (R, d, rank), Mamba's dt_proj weight per route (its bias is
+            delta_bias). Given it, delta is the low-rank (b, R, rank, H, W) input and route r's delta is
+            delta_proj_weight[r] @ delta[:, r] per token. The compiled CPU path projects inside the scan
+            (no (b, R, d, H, W) delta in memory); the other paths project first.
         backend: 'auto', 'torch', 'triton' or 'cpu', as for ``selective_scan``.
-        u, delta, B, C, z share u's dtype; A, D, delta_bias may also be float32. Any strides.
+        u, delta, B, C, z share u's dtype; A, D, delta_bias, delta_proj_weight may also be float32.
+        Any strides.
     Returns:
         y: (b, d, H, W) in u's dtype = silu(z) * the sum over routes of selective_scan on the route's
         token order (including D*u per route), each output placed back at its token's grid position.
         The compiled CPU and Triton paths return it channels-last (a (b, H, W, d) buffer, permuted).
     """
-    _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes)
+    _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes, delta_proj_weight)
     path = resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL,
-                           _triton_supports(u, delta, A, B, C, D, delta_bias, z), cpu_kernel_available,
-                           cpu_supports(u, delta, A, B, C, D, delta_bias, z))
+                           _triton_supports(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight),
+                           cpu_kernel_available, cpu_supports(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight))
     if u.numel() == 0:
-        return u.new_zeros(delta.shape[:1] + delta.shape[2:])
+        return u.new_zeros(u.shape[:1] + u.shape[-3:])
+    if path == "cpu":
+        return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z, delta_proj_weight)
+    delta = project_delta(delta, delta_proj_weight)
     if path == "triton":
         from .scan_triton import triton_cross_selective_scan
         return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
-    if path == "cpu":
-        return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
     return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
 
 

@@ -113,6 +113,14 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return y
 
 
+def project_delta(delta, delta_proj_weight=None):
+    """The full per-route delta (b, R, d, H, W) from a low-rank input (b, R, rank, H, W) and the routes'
+    delta projections (R, d, rank) (Mamba's dt_proj without its bias); delta itself without a projection."""
+    if delta_proj_weight is None:
+        return delta
+    return torch.einsum("rdk,brkhw->brdhw", delta_proj_weight.to(delta.dtype), delta)
+
+
 def _route_order(H, W, r, routes, device):
     """Spatial (raster) index of the token scanned at each step of route r of ``routes`` (0 raster,
     1 column-major, 2 and 3 reversed; with 2 routes raster and reversed raster)."""

@@ -41,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan
+from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan, project_delta
 from .conv import torch_bidirectional_conv1d_silu
 
 VB = 16  # channels per block: one AVX-512 vector of float32, two AVX2 vectors
@@ -54,18 +54,20 @@ _SOURCE = r"""
 #define CLAMP %(CLAMP)ff
 #define LOG2E 1.4426950408889634f
 
-/* 2^t for |t| <= CLAMP log2(e): 2^i 2^f with i = rint(t), f in [-1/2, 1/2]; 2^f by a degree-6
-   polynomial (least squares on 200 Chebyshev nodes, max relative error 1.8e-8, below float32 rounding),
-   2^i by exponent bits. Inlines and vectorises, unlike a libm call. */
+/* 2^t for |t| <= CLAMP log2(e): 2^f 2^i with i = rint(t), f in [-1/2, 1/2]; 2^f by a degree-5
+   polynomial (least squares on Chebyshev nodes, reweighted toward minimax: max relative error 2.4e-7 in
+   float32, i.e. ~4 ulp, on par with the ex2.approx instruction Mamba's CUDA kernel uses), 2^i added to
+   its exponent bits (an integer add, no multiply). Inlines and vectorises, unlike a libm call. */
 static inline float exp2_clamped(float t) {
     const float i = rintf(t);
     const float f = t - i;
-    float p = 1.5469731975e-4f;
-    p = p * f + 1.3400432165e-3f; p = p * f + 9.6180256029e-3f; p = p * f + 5.5503272142e-2f;
-    p = p * f + 2.4022651214e-1f; p = p * f + 6.9314720671e-1f; p = p * f + 1.0f;
-    union { float f; int32_t i; } s;
-    s.i = ((int32_t)i + 127) << 23;
-    return p * s.f;
+    float p = 1.3276471291e-3f;
+    p = p * f + 9.6755409613e-3f; p = p * f + 5.5507130921e-2f; p = p * f + 2.4022120237e-1f;
+    p = p * f + 6.9314694405e-1f; p = p * f + 1.0000001192f;
+    union { float f; int32_t i; } q;
+    q.f = p;
+    q.i += (int32_t)i << 23;
+    return q.f;
 }
 
 /* exp(x) for |x| <= CLAMP */
@@ -78,33 +80,38 @@ static inline int64_t route_pos(int64_t i, int64_t k, int64_t H, int64_t W, int6
     return (k & 1) ? (j %% H) * W + j / H : j;
 }
 
-/* log(1 + e) for e in [0, 1]: 2 atanh(s), s = e / (2 + e) in [0, 1/3], odd series to s^13 (error < 1e-8) */
+/* log(1 + e) for e in [0, 1]: e q(e), q a degree-8 polynomial fitted to log1p(e) / e (max relative
+   error 2.1e-7 in float32); no division */
 static inline float log1p_unit(float e) {
-    const float s = e / (2.f + e), s2 = s * s;
-    float p = 1.f / 13;
-    p = p * s2 + 1.f / 11; p = p * s2 + 1.f / 9; p = p * s2 + 1.f / 7; p = p * s2 + 1.f / 5; p = p * s2 + 1.f / 3;
-    return 2.f * s * (p * s2 + 1.f);
+    float p = 5.1058256067e-3f;
+    p = p * e - 2.8991956264e-2f; p = p * e + 7.7380739152e-2f; p = p * e - 1.3590599597e-1f;
+    p = p * e + 1.9071309268e-1f; p = p * e - 2.4833945930e-1f; p = p * e + 3.3317935467e-1f;
+    p = p * e - 4.9999436736e-1f; p = p * e + 9.9999994040e-1f;
+    return e * p;
 }
 
 /* Strides, in elements, of the inputs (st[]): u (b, r, t, c) (U_R = 0: shared by the routes),
-   delta (b, r, t, c), B (b, r, t, n), C (b, r, t, n), z (b, t, c). Tokens t index the raster (row-major)
+   delta (b, r, t, c) (with a delta projection: its low-rank input, (b, r, t, q)), B (b, r, t, n), C (b, r, t, n), z (b, t, c). Tokens t index the raster (row-major)
    grid. out is (b, L, d) contiguous. */
 enum { U_B, U_R, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T, C_N, Z_B, Z_T, Z_C, N_STRIDES };
 
 /* One block of nv <= VB channels from c0, every route, every token. Its inputs are gathered into
    VB-wide local arrays (zero padded), so the n-state update is a fixed-width vector loop whatever the
    input layouts; the state block (n x VB) stays in L1. ``fast`` (a full block, unit channel strides)
-   is a compile-time constant in each inlined copy: its gathers become plain vector loads. */
+   is a compile-time constant in each inlined copy: its gathers become plain vector loads. With a
+   delta projection (rank > 0, Wdt (R, d, rank)), delta_t = Wdt_r dt_t is formed per token from the
+   rank-wide input dt_t (Mamba's dt_proj, fused: no (b, R, L, d) delta in memory). */
 static inline __attribute__((always_inline)) void block(const int fast, const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
-                  const float *Cm, const float *D, const float *z, float *out, float *last, float *h,
-                  const int64_t *st, int64_t softplus, int64_t nv, int64_t c0, int64_t d, int64_t n,
+                  const float *Cm, const float *D, const float *z, const float *Wdt, float *out, float *last, float *h,
+                  const int64_t *st, int64_t softplus, int64_t nv, int64_t c0, int64_t d, int64_t n, int64_t rank,
                   int64_t H, int64_t W, int64_t R, int64_t bi) {
     const int64_t L = H * W;
     float *Ab = h + n * VB;                                   /* this route's A block, (n, VB) */
+    float *Wb = Ab + n * VB;                                  /* and its delta projection, (rank, VB) */
     for (int64_t r = 0; r < R; r++) {
         const int64_t order = r * (4 / R);                    /* R = 2: raster and reversed raster */
         const float *ur = u + bi * st[U_B] + r * st[U_R] + c0 * st[U_C];
-        const float *dr = delta + bi * st[D_B] + r * st[D_R] + c0 * st[D_C];
+        const float *dr = delta + bi * st[D_B] + r * st[D_R] + (rank ? 0 : c0 * st[D_C]);
         const float *Br = Bm + bi * st[B_B] + r * st[B_R], *Cr = Cm + bi * st[C_B] + r * st[C_R];
         const float *zr = z ? z + bi * st[Z_B] + c0 * st[Z_C] : 0;
         float Dv[VB], bv[VB];
@@ -114,19 +121,27 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
         }
         for (int64_t k = 0; k < n; k++)                       /* A: (R, n, d), kept as A log2(e) */
             for (int64_t j = 0; j < VB; j++) Ab[k * VB + j] = j < nv ? A[(r * n + k) * d + c0 + j] * LOG2E : 0.f;
+        for (int64_t q = 0; q < rank; q++)                    /* Wdt: (R, d, rank) */
+            for (int64_t j = 0; j < VB; j++) Wb[q * VB + j] = j < nv ? Wdt[(r * d + c0 + j) * rank + q] : 0.f;
         for (int64_t k = 0; k < n * VB; k++) h[k] = 0.f;
         for (int64_t i = 0; i < L; i++) {
             const int64_t p = route_pos(i, order, H, W, L);
             const float *dt = dr + p * st[D_T], *ut = ur + p * st[U_T];
             const float *Bt = Br + p * st[B_T], *Ct = Cr + p * st[C_T];
             float dtv[VB], uv[VB], du[VB], y[VB];
-            if (fast) {
-                for (int64_t j = 0; j < VB; j++) { uv[j] = ut[j]; dtv[j] = dt[j] + bv[j]; }
-            } else {
-                for (int64_t j = 0; j < VB; j++) {
-                    uv[j] = j < nv ? ut[j * st[U_C]] : 0.f;
-                    dtv[j] = (j < nv ? dt[j * st[D_C]] : 0.f) + bv[j];
+            if (fast) for (int64_t j = 0; j < VB; j++) uv[j] = ut[j];
+            else for (int64_t j = 0; j < VB; j++) uv[j] = j < nv ? ut[j * st[U_C]] : 0.f;
+            if (rank) {                                /* delta = Wdt dt + bias */
+                for (int64_t j = 0; j < VB; j++) dtv[j] = bv[j];
+                for (int64_t q = 0; q < rank; q++) {
+                    const float dq = dt[q * st[D_C]];
+                    #pragma omp simd
+                    for (int64_t j = 0; j < VB; j++) dtv[j] += Wb[q * VB + j] * dq;
                 }
+            } else if (fast) {
+                for (int64_t j = 0; j < VB; j++) dtv[j] = dt[j] + bv[j];
+            } else {
+                for (int64_t j = 0; j < VB; j++) dtv[j] = (j < nv ? dt[j * st[D_C]] : 0.f) + bv[j];
             }
             if (softplus)                          /* max(x, 0) + log(1 + exp(-|x|)); padded lanes unused */
                 #pragma omp simd
@@ -180,21 +195,24 @@ int has_openmp(void) {
 #endif
 }
 
-/* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses work + 2 n VB p */
+/* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses
+   work + (2 n + rank) VB p */
 void scan_fwd(const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
-              const float *Cm, const float *D, const float *z, float *out, float *last, float *work,
-              const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t H, int64_t W, int64_t R,
-              int64_t total, int64_t parts, int64_t p0, int64_t p1) {
+              const float *Cm, const float *D, const float *z, const float *Wdt, float *out, float *last,
+              float *work, const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t rank, int64_t H,
+              int64_t W, int64_t R, int64_t total, int64_t parts, int64_t p0, int64_t p1) {
     const int64_t nblk = (d + VB - 1) / VB;
     #pragma omp parallel for num_threads(p1 - p0) schedule(static, 1)
     for (int64_t p = p0; p < p1; p++)
         for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) {
             const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
-            float *h = work + 2 * n * VB * p;
-            if (nv == VB && st[U_C] == 1 && st[D_C] == 1 && (!z || st[Z_C] == 1))
-                block(1, u, delta, bias, A, Bm, Cm, D, z, out, last, h, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+            float *h = work + (2 * n + rank) * VB * p;
+            if (nv == VB && st[U_C] == 1 && (rank || st[D_C] == 1) && (!z || st[Z_C] == 1))
+                block(1, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
+                      q / nblk);
             else
-                block(0, u, delta, bias, A, Bm, Cm, D, z, out, last, h, st, softplus, nv, c0, d, n, H, W, R, q / nblk);
+                block(0, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
+                      q / nblk);
         }
 }
 
@@ -287,7 +305,7 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
         lib.has_openmp.restype = ctypes.c_int
         lib.scan_fwd.restype = None
-        lib.scan_fwd.argtypes = [ctypes.c_void_p] * 12 + [ctypes.c_int64] * 10
+        lib.scan_fwd.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 11
         lib.conv_fwd.restype = None
         lib.conv_fwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
         return lib
@@ -342,23 +360,24 @@ def _require_kernel() -> None:
         raise RuntimeError(f"the compiled CPU scan is unavailable: {_load_error}")
 
 
-def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_state) -> torch.Tensor:
-    """u (b, 1 or R, L, d) (one input shared by the routes, or one per route), delta (b, R, L, d),
-    B/C (b, R, L, n), z (b, L, d) or None: any strides (read in place); delta_bias (R, d), A (R, n, d),
-    D (R, d): made contiguous. Returns out (b, L, d), contiguous; fills last_state (b, d, n) when given."""
+def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_state, delta_proj_weight=None):
+    """u (b, 1 or R, L, d) (one input shared by the routes, or one per route), delta (b, R, L, d) (or,
+    with delta_proj_weight (R, d, rank), the low-rank (b, R, L, rank)), B/C (b, R, L, n), z (b, L, d) or
+    None: any strides (read in place); delta_bias (R, d), A (R, n, d), D (R, d), delta_proj_weight: made
+    contiguous. Returns out (b, L, d), contiguous; fills last_state (b, d, n) when given."""
     _require_kernel()
     u, delta, B, C, z = (_f32(t) for t in (u, delta, B, C, z))
-    delta_bias, A, D = (_f32(t, contiguous=True) for t in (delta_bias, A, D))
+    delta_bias, A, D, Wdt = (_f32(t, contiguous=True) for t in (delta_bias, A, D, delta_proj_weight))
     b, L, d = u.shape[0], u.shape[2], u.shape[3]
-    n = A.shape[1]
+    n, rank = A.shape[1], 0 if Wdt is None else Wdt.shape[-1]
     out = torch.empty(b, L, d, dtype=torch.float32)
     su = u.stride()
     strides = torch.tensor([su[0], su[1] if u.shape[1] > 1 else 0, su[2], su[3], *delta.stride(), *B.stride(),
                             *C.stride(), *(z.stride() if z is not None else (0, 0, 0))], dtype=torch.int64)
     total = b * -(-d // VB)
-    work = torch.empty(min(torch.get_num_threads(), total), 2 * n * VB, dtype=torch.float32)  # one row per part
-    args = [_ptr(t) for t in (u, delta, delta_bias, A, B, C, D, z, out, last_state, work, strides)]
-    _parallel(_lib.scan_fwd, [*args, int(delta_softplus), d, n, H, W, R], total)
+    work = torch.empty(min(torch.get_num_threads(), total), (2 * n + rank) * VB, dtype=torch.float32)  # a row per part
+    args = [_ptr(t) for t in (u, delta, delta_bias, A, B, C, D, z, Wdt, out, last_state, work, strides)]
+    _parallel(_lib.scan_fwd, [*args, int(delta_softplus), d, n, rank, H, W, R], total)
     return out
 
 
@@ -425,13 +444,14 @@ class _SelectiveScan(torch.autograd.Function):
 
 class _CrossSelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z)
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight)
         ctx.delta_softplus, ctx.routes = delta_softplus, routes
         H, W = u.shape[-2:]
         tokens = lambda t: t.flatten(-2).transpose(-1, -2)  # noqa: E731  (..., c, H, W) -> (..., L, c) view
         o = _run(tokens(u if u.ndim == 5 else u.unsqueeze(1)), tokens(delta), delta_bias, delta_softplus,
-                 A.transpose(1, 2), tokens(B), tokens(C), D, None if z is None else tokens(z), routes, H, W, None)
+                 A.transpose(1, 2), tokens(B), tokens(C), D, None if z is None else tokens(z), routes, H, W, None,
+                 delta_proj_weight)
         return o.transpose(1, 2).unflatten(-1, (H, W)).to(u.dtype)
 
     @staticmethod
@@ -441,9 +461,10 @@ class _CrossSelectiveScan(torch.autograd.Function):
         return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
 
 
-def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes):
+def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
     """``chunk_cross_selective_scan`` with _CrossSelectiveScan's argument order."""
-    return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
+    return chunk_cross_selective_scan(u, project_delta(delta, delta_proj_weight), A, B, C, D, delta_bias,
+                                      delta_softplus, routes, z)
 
 
 class _BidirectionalConv(torch.autograd.Function):
@@ -473,10 +494,12 @@ def cpu_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
-def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
-    """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype (channels-last)."""
-    _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias, z)
-    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, z, delta_softplus, routes)
+def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None,
+                             delta_proj_weight=None):
+    """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype (channels-last).
+    With delta_proj_weight the projection runs inside the scan (delta is its low-rank input)."""
+    _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias, z, delta_proj_weight)
+    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes)
 
 
 def cpu_bidirectional_conv1d_silu(x, weight, bias=None):

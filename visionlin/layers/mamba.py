@@ -77,13 +77,12 @@ class BiMambaMixer(nn.Module):
         directions = (self.fwd, self.bwd)
         x_dbl = torch.stack([d.x_proj(u[:, :, r]) for r, d in enumerate(directions)], dim=2)
         dt, B, C = x_dbl.split((self.dt_rank, self.d_state, self.d_state), dim=-1)   # (B, L, 2, .)
-        delta = torch.stack([F.linear(dt[:, :, r], d.dt_proj.weight) for r, d in enumerate(directions)],
-                            dim=1)                              # (B, 2, L, d_inner): two block copies
         grid = lambda t: t.movedim(-2, -1).unsqueeze(-2)  # noqa: E731  (..., L, c) -> (..., c, 1, L) view
         route_major = lambda t: t.movedim(2, 1)  # noqa: E731  (B, L, 2, c) -> (B, 2, L, c) view
-        y = cross_selective_scan(grid(route_major(u)), grid(delta), -torch.exp(self._routes("A_log").float()),
+        # delta = dt_proj(dt) per direction, formed by the scan (inside it on the compiled CPU path)
+        y = cross_selective_scan(grid(route_major(u)), grid(route_major(dt)), -torch.exp(self._routes("A_log").float()),
                                  grid(route_major(B)), grid(route_major(C)), self._routes("D").float(),
-                                 self._routes("dt_proj.bias").float(), delta_softplus=True, routes=2,
-                                 z=grid(z))                     # y_fwd + flip(y_bwd): (B, d_inner, 1, L)
+                                 self._routes("dt_proj.bias").float(), delta_softplus=True, routes=2, z=grid(z),
+                                 delta_proj_weight=self._routes("dt_proj.weight"))  # y_fwd + flip(y_bwd): (B, d, 1, L)
         # the mean of the two directions: the / 2 folded into the (small) output weight
         return F.linear(y.flatten(2).transpose(1, 2), self.out_proj.weight * 0.5, self.out_proj.bias)
