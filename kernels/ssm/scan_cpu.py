@@ -8,6 +8,8 @@ the (VB channels x n states) state block in registers / L1 and streams each toke
     for each (batch, block of VB channels), for each route, for each token t in the route's order:
         a = exp(clamp(delta_t A, +-30)); h = a h + delta_t u_t B_t; y_t += (<h, C_t> + D u_t) silu(z_t)
 
+With a delta projection (Mamba's dt_proj, ``delta_proj_weight``) delta_t = W_r dt_t is formed per token
+from the rank-wide dt_t and the (rank x VB) weight block kept in L1, so no (b, R, l, d) delta is stored.
 Inputs are laid out token-major, (b, [R,] l, d), so a channel block is one contiguous vector load;
 routes read tokens by index arithmetic (no flipped / transposed copies), and their input u by a route
 stride (0 when u is shared). The library is built once per machine with the system C compiler

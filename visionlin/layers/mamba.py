@@ -10,7 +10,8 @@ Computed without flipping anything: the backward direction's causal conv over th
 is an anti-causal conv over the original order, and x_proj / dt_proj are per token, so both
 directions' inputs are built in the original order (``bidirectional_conv1d_silu``), and one two-route
 ``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward, route 1 reversed raster =
-backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly.
+backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly;
+each direction's dt_proj is handed to the scan (``delta_proj_weight``), which forms delta per token.
 """
 from __future__ import annotations
 
