@@ -192,3 +192,31 @@ def test_train_mode_times_forward_and_backward_of_a_visionlin_model(tmp_path):
     assert row["status"] == "ok" and row["mode"] == "train", row
     assert row["throughput_img_s"] > 0 and row["peak_act_mem_mib"] > 0
     assert round(row["gmacs"] * (224 / 64) ** 2, 2) == pytest.approx(1.17, abs=0.1)
+
+
+def test_rounds_report_the_median_of_round_medians():
+    tool = _load_tool()
+    row = {"model": "a", "resolution": 224, "batch_size": 2, "status": "ok", "latency_ms_median": 100.0,
+           "latency_ms_min": 90.0, "latency_ms_max": 400.0, "throughput_img_s": 20.0}
+    extra = [{"status": "ok", "latency_ms_median": 50.0, "latency_ms_min": 45.0, "latency_ms_max": 60.0},
+             {"status": "timeout"},
+             {"status": "ok", "latency_ms_median": 70.0, "latency_ms_min": 65.0, "latency_ms_max": 80.0}]
+    tool.merge_rounds(row, extra)
+    assert row["latency_ms_median"] == 70.0 and row["rounds"] == 3          # the failed round is left out
+    assert (row["latency_ms_min"], row["latency_ms_max"]) == (45.0, 400.0)
+    assert row["throughput_img_s"] == pytest.approx(2 / 0.070)
+
+
+def test_rounds_time_every_ok_point_again_round_robin(tmp_path):
+    out = tmp_path / "rounds"
+    proc = _run(["--models", "test_vit", "test_convnext", "--resolutions", "64", "--rounds", "3", "--warmup", "1",
+                 "--iters", "1", "--threads", "1", "--memory-run", "off", "--no-plot", "--no-flops", "--out", out])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    order = [ln.split("] ")[1].split(" @")[0] for ln in proc.stderr.splitlines() if ln.startswith("[round ")]
+    assert order == ["test_vit", "test_convnext"] * 2
+    data = json.loads((out / "benchmark.json").read_text())
+    assert data["meta"]["rounds"] == 3
+    for row in data["rows"]:
+        assert row["status"] == "ok" and row["latency_ms_min"] <= row["latency_ms_median"] <= row["latency_ms_max"]
+    assert "--memory-run separate or off" in _run(["--models", "test_vit", "--rounds", "2", "--memory-run", "shared",
+                                                   "--out", tmp_path / "x"]).stderr

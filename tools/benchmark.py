@@ -23,6 +23,10 @@ Method
   batch in ms and throughput = batch_size / median seconds (img/s). ``forward`` = ``model.eval()`` under
   ``torch.inference_mode()``; ``train`` = ``model.train()``, forward + ``output.float().mean().backward()``
   (no optimizer; gradients accumulate, so they are allocated during the warm-up).
+* ``--rounds N`` times every point N times, round-robin over all points (fresh processes each time),
+  and reports the median of the N median latencies (min / max over all rounds): on a machine whose
+  speed drifts for seconds to minutes (shared VMs), a slow phase then hits every model instead of
+  whichever happened to run during it. Memory is measured in the first round only.
 * CPU peak memory, the honest way: glibc malloc keeps freed memory in its arenas, so the process RSS
   says little about what a forward pass needs. The memory worker is therefore started with
   ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` (set in its environment before Python
@@ -69,6 +73,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="un-timed warm-up iterations (default: 2 on cpu, 10 on cuda)")
     p.add_argument("--iters", type=_positive_int, default=None,
                    help="timed iterations (default: 5 on cpu, 50 on cuda)")
+    p.add_argument("--rounds", type=_positive_int, default=1,
+                   help="time every point this many times, round-robin over the points (each round in fresh "
+                        "processes; memory in the first round only), and report the median of the rounds' "
+                        "median latencies (min/max over all rounds): on a noisy machine a slow phase then hits "
+                        "every model instead of whichever ran during it (default: 1)")
     p.add_argument("--mem-iters", type=_positive_int, default=1,
                    help="iterations inside the CPU memory window of the separate memory process (default: 1; "
                         "the peak of a deterministic iteration does not change with repetition)")
@@ -264,6 +274,7 @@ def make_meta(args, baseline, dtype, warmup, iters, max_mem_gb) -> dict:
         "channels_last": args.channels_last,
         "warmup": warmup,
         "iters": iters,
+        "rounds": args.rounds,
         "mem_iters": args.mem_iters if args.device == "cpu" else None,
         "memory_run": args.memory_run if args.device == "cpu" else "shared (cuda)",
         "timing_malloc": ("default" if args.memory_run != "shared" else "mmap threshold 64 KiB (slower)")
@@ -372,13 +383,34 @@ def run_worker(spec: dict, extra_env: dict, timeout: float, max_mem_bytes: int |
         return result
 
 
-def measure_point(args, model: str, res: int, warmup: int, iters: int, max_mem_bytes) -> dict:
-    spec = {
+def _spec(args, model: str, res: int, warmup: int, iters: int) -> dict:
+    return {
         "model": model, "resolution": res, "batch_size": args.batch_size, "mode": args.mode,
         "device": args.device, "amp": args.amp, "channels_last": args.channels_last,
         "threads": args.threads, "warmup": warmup, "iters": iters,
         "count_flops": not args.no_flops, "test_alloc_mib": args.test_alloc_mib,
     }
+
+
+def time_point(args, model: str, res: int, warmup: int, iters: int, max_mem_bytes) -> dict:
+    """One timing-only worker (default malloc), as the timing half of a separate-memory point."""
+    spec = {**_spec(args, model, res, warmup, iters), "count_flops": False, "test_alloc_mib": 0.0}
+    return run_worker({**spec, "measure": "time"}, {}, args.timeout, max_mem_bytes)
+
+
+def merge_rounds(row: dict, extra: list[dict]) -> None:
+    """Fold further timing rounds of an ok point into its row: latency = the median of the rounds'
+    medians, min/max over all rounds, throughput from that median."""
+    rounds = [row] + [e for e in extra if e.get("status") == "ok"]
+    row["latency_ms_median"] = statistics.median(r["latency_ms_median"] for r in rounds)
+    row["latency_ms_min"] = min(r["latency_ms_min"] for r in rounds)
+    row["latency_ms_max"] = max(r["latency_ms_max"] for r in rounds)
+    row["throughput_img_s"] = row["batch_size"] / (row["latency_ms_median"] / 1000.0)
+    row["rounds"] = len(rounds)
+
+
+def measure_point(args, model: str, res: int, warmup: int, iters: int, max_mem_bytes) -> dict:
+    spec = _spec(args, model, res, warmup, iters)
     if args.device == "cuda" or args.memory_run == "shared":
         env = MEM_ENV if args.device == "cpu" else {}
         return run_worker({**spec, "measure": "both"}, env, args.timeout, max_mem_bytes)
@@ -388,8 +420,7 @@ def measure_point(args, model: str, res: int, warmup: int, iters: int, max_mem_b
     mem = run_worker({**spec, "measure": "memory", "iters": args.mem_iters}, MEM_ENV, args.timeout, max_mem_bytes)
     if mem.get("status") != "ok":
         return mem
-    tim = run_worker({**spec, "measure": "time", "count_flops": False, "test_alloc_mib": 0.0}, {},
-                     args.timeout, max_mem_bytes)
+    tim = time_point(args, model, res, warmup, iters, max_mem_bytes)
     if tim.get("status") != "ok":
         for k in ("peak_act_mem_mib", "peak_total_mem_mib", "memory_method", "gmacs"):
             if k in mem:
@@ -567,6 +598,8 @@ def main(argv=None) -> int:
     args.resolutions = list(dict.fromkeys(args.resolutions))
     if args.timeout <= 0:
         parser.error("--timeout must be > 0")
+    if args.rounds > 1 and args.device == "cpu" and args.memory_run == "shared":
+        parser.error("--rounds > 1 times later rounds with the default malloc: use --memory-run separate or off")
     cuda = args.device == "cuda"
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     iters = args.iters if args.iters is not None else (50 if cuda else 5)
@@ -642,6 +675,20 @@ def main(argv=None) -> int:
         rows.append(row)
         apply_baseline(rows, baseline)
         write_tables(out, meta, rows)
+
+    extra: dict[int, list[dict]] = {i: [] for i, r in enumerate(rows) if r["status"] == "ok"}
+    for rnd in range(2, args.rounds + 1):  # round-robin: a slow phase of the machine hits every model
+        for i in extra:
+            model, res = rows[i]["model"], rows[i]["resolution"]
+            t = time_point(args, model, res, warmup, iters, max_mem_bytes)
+            extra[i].append(t)
+            msg = f"{t['latency_ms_median']:.1f} ms" if t.get("status") == "ok" else t.get("status", "error").upper()
+            print(f"[round {rnd}/{args.rounds}] {model} @ {res}x{res} {args.mode} ... {msg}", file=sys.stderr,
+                  flush=True)
+    if args.rounds > 1:
+        for i, e in extra.items():
+            merge_rounds(rows[i], e)
+        apply_baseline(rows, baseline)
 
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
     write_tables(out, meta, rows)
