@@ -13,8 +13,8 @@ from visionlin.kernels import cross_selective_scan, last_backend, selective_scan
 from visionlin.kernels.ssm import (bidirectional_conv1d_silu, cpu_kernel_available, naive_cross_selective_scan,
                                    naive_selective_scan)
 
-from test_selective_scan_torch import (cross_inputs, explicit_bidirectional_conv, low_rank_delta, max_rel_error,
-                                      projected_by_hand, scan_inputs)
+from test_selective_scan_torch import (check_delta_projection, cross_inputs, explicit_bidirectional_conv, low_rank_delta,
+                                      max_rel_error, projected_by_hand, scan_inputs)
 
 pytestmark = pytest.mark.skipif(not cpu_kernel_available(), reason="no C compiler to build the CPU scan")
 
@@ -98,14 +98,7 @@ def test_cross_scan_reads_vims_token_major_views_in_place():
 def test_delta_projection_inside_the_scan_matches_the_projected_reference(R, d, rank):
     """The fused dt_proj (full and partial channel blocks, ranks 1 to Vim-T's 12) equals scanning the
     delta projected beforehand in float64."""
-    u, _, A, B, C, D, bias = cross_inputs(d=d, H=5, W=6, R=R, per_route_u=R == 2)
-    dt, weight = low_rank_delta(d=d, H=5, W=6, R=R, rank=rank)
-    z = torch.randn(2, d, 5, 6)
-    out = cross_selective_scan(u, dt, A, B, C, D, bias, routes=R, z=z, delta_proj_weight=weight)
-    assert last_backend("cross_selective_scan") == "cpu"
-    ref = naive_cross_selective_scan(u.double(), projected_by_hand(dt, weight), A, B.double(), C.double(), D, bias,
-                                     routes=R, z=z.double())
-    assert max_rel_error(out, ref) < 1e-5
+    check_delta_projection(R, rank, "cpu", d=d, H=5, W=6)
 
 
 def test_delta_projection_reads_vims_token_major_low_rank_input_in_place():

@@ -155,7 +155,8 @@ def _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes, delta_proj_weig
     check_tensor("C", C, 5, "(b, R, n, H, W)")
     named = [("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)]
     for name, t, nd, layout in (("D", D, 2, "(R, d)"), ("delta_bias", delta_bias, 2, "(R, d)"),
-                                ("z", z, 4, "(b, d, H, W)"), ("delta_proj_weight", delta_proj_weight, 3, "(R, d, rank)")):
+                                ("z", z, 4, "(b, d, H, W)"),
+                                ("delta_proj_weight", delta_proj_weight, 3, "(R, d, rank)")):
         if t is not None:
             check_tensor(name, t, nd, layout)
             named.append((name, t))

@@ -93,7 +93,8 @@ static inline float log1p_unit(float e) {
 }
 
 /* Strides, in elements, of the inputs (st[]): u (b, r, t, c) (U_R = 0: shared by the routes),
-   delta (b, r, t, c) (with a delta projection: its low-rank input, (b, r, t, q)), B (b, r, t, n), C (b, r, t, n), z (b, t, c). Tokens t index the raster (row-major)
+   delta (b, r, t, c) (with a delta projection: its low-rank input, (b, r, t, q)), B (b, r, t, n),
+   C (b, r, t, n), z (b, t, c). Tokens t index the raster (row-major)
    grid. out is (b, L, d) contiguous. */
 enum { U_B, U_R, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T, C_N, Z_B, Z_T, Z_C, N_STRIDES };
 
