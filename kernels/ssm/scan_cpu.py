@@ -51,6 +51,9 @@ VB = 16  # channels per block: one AVX-512 vector of float32, two AVX2 vectors
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define VB %(VB)d
 #define CLAMP %(CLAMP)ff
@@ -186,10 +189,11 @@ static inline __attribute__((always_inline)) void block(const int fast, const fl
     }
 }
 
-/* Work split: items [0, total) in ``parts`` equal parts; a call runs parts [p0, p1). Built with OpenMP, the
-   parts of one call run in parallel on the process' OpenMP threads, which are PyTorch's own (the loader
+/* Work split: items [0, total) in ``parts`` equal parts; a call runs parts [p0, p1). Built with OpenMP, a
+   call for all parts runs on ``parts`` of the process' OpenMP threads, which are PyTorch's own (the loader
    shares the libgomp PyTorch loaded): no second thread pool competing with PyTorch's spin-waiting
-   workers. Without OpenMP the caller runs each part on a thread of its own. */
+   workers; the items are handed out dynamically. Without OpenMP the caller runs each part on a thread
+   of its own. */
 int has_openmp(void) {
 #ifdef _OPENMP
     return 1;
@@ -198,25 +202,43 @@ int has_openmp(void) {
 #endif
 }
 
-/* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses
-   work + (2 n + rank) VB p */
+/* Item q of the flattened (batch, channel block) range on work row h */
+static void scan_item(const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
+                      const float *Cm, const float *D, const float *z, const float *Wdt, float *out, float *last,
+                      float *h, const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t rank, int64_t H,
+                      int64_t W, int64_t R, int64_t q) {
+    const int64_t nblk = (d + VB - 1) / VB;
+    const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
+    if (nv == VB && st[U_C] == 1 && (rank || st[D_C] == 1) && (!z || st[Z_C] == 1))
+        block(1, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R, q / nblk);
+    else
+        block(0, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R, q / nblk);
+}
+
+/* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses work row
+   work + (2 n + rank) VB p. A call for all parts on OpenMP threads hands out the items one at a time
+   (dynamic schedule: a thread slowed down by the machine leaves its remaining blocks to the others). */
 void scan_fwd(const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
               const float *Cm, const float *D, const float *z, const float *Wdt, float *out, float *last,
               float *work, const int64_t *st, int64_t softplus, int64_t d, int64_t n, int64_t rank, int64_t H,
               int64_t W, int64_t R, int64_t total, int64_t parts, int64_t p0, int64_t p1) {
-    const int64_t nblk = (d + VB - 1) / VB;
-    #pragma omp parallel for num_threads(p1 - p0) schedule(static, 1)
-    for (int64_t p = p0; p < p1; p++)
-        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) {
-            const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
-            float *h = work + (2 * n + rank) * VB * p;
-            if (nv == VB && st[U_C] == 1 && (rank || st[D_C] == 1) && (!z || st[Z_C] == 1))
-                block(1, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
-                      q / nblk);
-            else
-                block(0, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
-                      q / nblk);
+    const int64_t row = (2 * n + rank) * VB;
+#ifdef _OPENMP
+    if (p0 == 0 && p1 == parts) {
+        #pragma omp parallel num_threads(parts)
+        {
+            float *h = work + row * omp_get_thread_num();
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t q = 0; q < total; q++)
+                scan_item(u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, d, n, rank, H, W, R, q);
         }
+        return;
+    }
+#endif
+    for (int64_t p = p0; p < p1; p++)          /* without OpenMP: this call's parts, on the caller's thread */
+        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++)
+            scan_item(u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, work + row * p, st, softplus, d, n, rank, H, W,
+                      R, q);
 }
 
 static inline float silu(float v) { return v / (1.f + exp_clamped(fminf(fmaxf(-v, -CLAMP), CLAMP))); }
@@ -247,15 +269,24 @@ static inline __attribute__((always_inline)) void conv_row(const int unit, const
     }
 }
 
-/* items: the flattened (batch, token) range, total = b l */
+static void conv_item(const float *x, const float *w, const float *bias, float *out, const int64_t *xs, int64_t l,
+                      int64_t d, int64_t K, int64_t q) {
+    if (xs[2] == 1) conv_row(1, x, w, bias, out, xs, q / l, q %% l, l, d, K);
+    else conv_row(0, x, w, bias, out, xs, q / l, q %% l, l, d, K);
+}
+
+/* items: the flattened (batch, token) range, total = b l; on OpenMP threads in dynamic chunks of 64 rows */
 void conv_fwd(const float *x, const float *w, const float *bias, float *out, const int64_t *xs, int64_t l,
               int64_t d, int64_t K, int64_t total, int64_t parts, int64_t p0, int64_t p1) {
-    #pragma omp parallel for num_threads(p1 - p0) schedule(static, 1)
+#ifdef _OPENMP
+    if (p0 == 0 && p1 == parts) {
+        #pragma omp parallel for num_threads(parts) schedule(dynamic, 64)
+        for (int64_t q = 0; q < total; q++) conv_item(x, w, bias, out, xs, l, d, K, q);
+        return;
+    }
+#endif
     for (int64_t p = p0; p < p1; p++)
-        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) {
-            if (xs[2] == 1) conv_row(1, x, w, bias, out, xs, q / l, q %% l, l, d, K);
-            else conv_row(0, x, w, bias, out, xs, q / l, q %% l, l, d, K);
-        }
+        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) conv_item(x, w, bias, out, xs, l, d, K, q);
 }
 """
 
