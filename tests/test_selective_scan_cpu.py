@@ -78,7 +78,7 @@ def test_cross_scan_per_route_u_and_z_match_the_reference(R, H, W):
 
 def test_cross_scan_reads_vims_token_major_views_in_place():
     """Per-route tensors as Vim hands them: (b, L, R, c) buffers viewed as (b, R, c, 1, L), z a slice."""
-    b, L, d, n, R = 2, 29, 20, 4, 2
+    b, L, d, n, R = 2, 29, 40, 4, 2   # d = 40: one full 32-channel block (the fast path) and a partial one
     grid = lambda t: t.movedim(1, -1).unsqueeze(-2)  # noqa: E731
     u, delta = torch.randn(b, L, R, d), torch.rand(b, L, R, d) - 0.5
     BC = torch.randn(b, L, R, 2 * n)
@@ -103,7 +103,7 @@ def test_delta_projection_inside_the_scan_matches_the_projected_reference(R, d, 
 
 def test_delta_projection_reads_vims_token_major_low_rank_input_in_place():
     """dt as Vim hands it: a (b, L, R, rank + 2n) x_proj buffer's slice viewed as (b, R, rank, 1, L)."""
-    b, L, d, n, R, rank = 2, 33, 24, 4, 2, 3
+    b, L, d, n, R, rank = 2, 33, 72, 4, 2, 3   # two full channel blocks and a partial one
     x_dbl = torch.randn(b, L, R, rank + 2 * n)
     grid = lambda t: t.movedim(1, -1).unsqueeze(-2)  # noqa: E731  (b, L, R, c) -> (b, R, c, 1, L) view
     dt, Bm, Cm = (grid(t) for t in x_dbl.split((rank, n, n), dim=-1))

@@ -46,7 +46,7 @@ import torch
 from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan, project_delta
 from .conv import torch_bidirectional_conv1d_silu
 
-VB = 16  # channels per block: one AVX-512 vector of float32, two AVX2 vectors
+VB = 32  # channels per block: two AVX-512 vectors of float32, four AVX2 vectors
 
 _SOURCE = r"""
 #include <math.h>
