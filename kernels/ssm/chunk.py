@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .naive import route_forward
+
 CHUNK = 16
 GATE_CLAMP = 30.0
 FLOAT32_RANGE = 60.0
@@ -121,15 +123,6 @@ def project_delta(delta, delta_proj_weight=None):
     return torch.einsum("rdk,brkhw->brdhw", delta_proj_weight.to(delta.dtype), delta)
 
 
-def _route_order(H, W, r, routes, device):
-    """Spatial (raster) index of the token scanned at each step of route r of ``routes`` (0 raster,
-    1 column-major, 2 and 3 reversed; with 2 routes raster and reversed raster)."""
-    k = r * (4 // routes)
-    idx = torch.arange(H * W, device=device).view(H, W)
-    seq = idx.flatten() if k % 2 == 0 else idx.t().flatten()
-    return seq.flip(0) if k >= 2 else seq
-
-
 def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
     """Inputs already validated (shapes as in ``cross_selective_scan``); returns (b, d, H, W) in u's dtype.
 
@@ -140,7 +133,8 @@ def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta
     b, (d, H, W) = u.shape[0], u.shape[-3:]
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
     R, n, Lt = routes, A.shape[-1], H * W
-    order = torch.stack([_route_order(H, W, r, R, u.device) for r in range(R)])   # (R, L)
+    grid = torch.arange(Lt, device=u.device).view(H, W)                          # raster index of each token
+    order = torch.stack([route_forward(grid, r, R) for r in range(R)])            # (R, L): index scanned at step t
     u_flat = u.reshape(b, -1, d, Lt).expand(b, R, d, Lt)                          # shared u: a broadcast
     u_r = u_flat.gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
     delta_r = delta.reshape(b, R, d, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
