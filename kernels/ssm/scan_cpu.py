@@ -427,13 +427,16 @@ def _conv(x, weight, bias) -> torch.Tensor:
     return out
 
 
-def _recompute_grads(ctx, fn, *extra):
-    """Backward of the compiled forward: rerun the PyTorch path with autograd and differentiate it."""
-    inputs = ctx.saved_tensors
+def _recomputed_grads(ctx, gy, fn, *extra) -> list:
+    """Backward of the compiled forward: rerun the PyTorch path ``fn(*saved tensors, *extra)`` with autograd
+    and differentiate it by gy. One gradient (or None) per saved tensor, in order."""
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad)]
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
         y = fn(*leaves, *extra)
-        return [t for t in leaves if t is not None and t.requires_grad], leaves, y
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -471,9 +474,7 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, *unused):
-        wanted, leaves, y = _recompute_grads(ctx, chunk_selective_scan, ctx.delta_softplus)
-        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
-        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
+        return (*_recomputed_grads(ctx, gy, chunk_selective_scan, ctx.delta_softplus), None, None)
 
 
 class _CrossSelectiveScan(torch.autograd.Function):
@@ -490,9 +491,7 @@ class _CrossSelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        wanted, leaves, y = _recompute_grads(ctx, _chunk_cross, ctx.delta_softplus, ctx.routes)
-        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
-        return (*[next(grads) if t is not None and t.requires_grad else None for t in leaves], None, None)
+        return (*_recomputed_grads(ctx, gy, _chunk_cross, ctx.delta_softplus, ctx.routes), None, None)
 
 
 def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
@@ -509,9 +508,7 @@ class _BidirectionalConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        wanted, leaves, y = _recompute_grads(ctx, torch_bidirectional_conv1d_silu)
-        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
-        return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
+        return tuple(_recomputed_grads(ctx, gy, torch_bidirectional_conv1d_silu))
 
 
 def _check_supported(op: str, *tensors) -> None:
