@@ -37,11 +37,12 @@ def test_ravlt_counts_rala_linearly_and_its_softmax_stages_quadratically():
 def test_selective_scans_are_counted_per_route_state_and_token():
     vim = count_flops.count_macs(count_flops.build("vim_t", 224), 224)
     L = 14 * 14 + 1  # patches + the middle class token
-    # 2 directions: state update + read-out (d_state 16), dt_proj (dt_rank 12, inside the scan), conv k4
-    assert vim["mixer"] == pytest.approx(24 * 2 * L * 384 * (2 * 16 + 12 + 4) / 1e9)
-    # every linear layer once: in_proj, x_proj (counted as ops), dt_proj (in the mixer count), out_proj,
+    # 2 directions: state update + read-out (d_state 16), dt_proj (dt_rank 12, inside the scan), conv k4,
+    # x_proj (to dt_rank + 2 d_state, inside the conv op)
+    assert vim["mixer"] == pytest.approx(24 * 2 * L * 384 * (2 * 16 + 12 + 4 + 12 + 32) / 1e9)
+    # every linear layer once: in_proj, out_proj (counted as ops; x_proj and dt_proj in the mixer count),
     # patch embedding, head
-    linear = 24 * L * (192 * 768 + 2 * 384 * (12 + 32) + 384 * 192) + 196 * 16 * 16 * 3 * 192 + 192 * 1000
+    linear = 24 * L * (192 * 768 + 384 * 192) + 196 * 16 * 16 * 3 * 192 + 192 * 1000
     assert vim["layers"] == pytest.approx(linear / 1e9)
     vmamba = count_flops.build("vmamba_t", 224)
     small, large = (count_flops.count_macs(vmamba, r)["mixer"] for r in (224, 448))

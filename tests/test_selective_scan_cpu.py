@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visionlin.kernels import cross_selective_scan, last_backend, selective_scan, use_backend
 from visionlin.kernels.ssm import (bidirectional_conv1d_silu, cpu_kernel_available, naive_cross_selective_scan,
@@ -215,6 +216,43 @@ def test_bidirectional_conv_matches_the_two_causal_convs(l, d, K):
             torch.testing.assert_close(out, explicit_bidirectional_conv(x, w, bias), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out, bidirectional_conv1d_silu(x, w, bias, backend="torch"), rtol=1e-5,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("l,d,N", [(1, 16, 44), (13, 37, 44), (50, 48, 5), (21, 24, 100), (4097, 384, 44)])
+def test_bidirectional_conv_with_projection_matches_per_route_linear_layers(l, d, N):
+    """The fused projection: token blocks cut by l (full and partial tiles, on 1 and 2 threads), column
+    tiles cut by N (one partial, several), channels not a multiple of the vector width, Vim-T's shapes."""
+    xz = torch.randn(2 if l < 1000 else 1, l, 3 * d)
+    w, b, P = torch.randn(2, d, 4), torch.randn(2, d), torch.randn(2, N, d) / d ** 0.5
+    threads = torch.get_num_threads()
+    for x in (xz[..., d:2 * d], xz[..., ::3]):              # a slice of a projection; channel stride 3
+        u, proj = bidirectional_conv1d_silu(x, w, b, P)
+        assert last_backend("bidirectional_conv1d_silu") == "cpu"
+        assert proj.shape == (x.shape[0], l, 2, N) and proj.is_contiguous()
+        ref = explicit_bidirectional_conv(x.double(), w.double(), b.double())
+        torch.testing.assert_close(u, ref.float(), rtol=1e-5, atol=1e-6)
+        for r in range(2):
+            torch.testing.assert_close(proj[:, :, r], F.linear(ref[:, :, r], P[r].double()).float(), rtol=1e-5,
+                                       atol=1e-5)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(bidirectional_conv1d_silu(x, w, b, P)[1], proj)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_bidirectional_conv_projection_gradients_match_the_pytorch_path():
+    x, w, b, P = torch.randn(2, 19, 24), torch.randn(2, 24, 4), torch.randn(2, 24), torch.randn(2, 7, 24)
+    gu, gp = torch.randn(2, 19, 2, 24), torch.randn(2, 19, 2, 7)
+    for trained in ((0, 1, 2, 3), (3,), (0,)):        # everything; x_proj alone (u unused); x alone
+        leaves = [t.clone().requires_grad_(i in trained) for i, t in enumerate((x, w, b, P))]
+        wanted = [leaves[i] for i in trained]
+        u, proj = bidirectional_conv1d_silu(*leaves)
+        u_ref, proj_ref = bidirectional_conv1d_silu(*leaves, backend="torch")
+        g = torch.autograd.grad((u * gu).sum() + (proj * gp).sum(), wanted)
+        g_ref = torch.autograd.grad((u_ref * gu).sum() + (proj_ref * gp).sum(), wanted)
+        for a, r in zip(g, g_ref):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_bidirectional_conv_16bit_gradients_and_threads():

@@ -425,11 +425,28 @@ def test_bidirectional_conv_is_the_causal_conv_of_both_directions(l, K, bias):
     torch.testing.assert_close(out, explicit_bidirectional_conv(x, w, b))
 
 
+@pytest.mark.parametrize("l,N", [(1, 3), (11, 44), (6, 50)])
+def test_bidirectional_conv_projects_each_route_with_its_own_weight(l, N):
+    x = torch.randn(2, l, 20, dtype=torch.float64)[..., 4:13]
+    w, b, P = torch.randn(2, 9, 4, dtype=torch.float64), torch.randn(2, 9, dtype=torch.float64), \
+        torch.randn(2, N, 9, dtype=torch.float64)
+    u, proj = bidirectional_conv1d_silu(x, w, b, P)
+    ref = explicit_bidirectional_conv(x, w, b)
+    torch.testing.assert_close(u, ref)
+    assert proj.shape == (2, l, 2, N) and proj.is_contiguous()
+    for r in range(2):   # route r's rows through its own nn.Linear
+        torch.testing.assert_close(proj[:, :, r], F.linear(ref[:, :, r], P[r]))
+    empty = bidirectional_conv1d_silu(x[:, :0], w, b, P)
+    assert [t.shape for t in empty] == [(2, 0, 2, 9), (2, 0, 2, N)]
+
+
 def test_bidirectional_conv_gradcheck_and_float32_parameters_for_half_inputs():
     x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(bidirectional_conv1d_silu, (x, w, b))
+    P = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bidirectional_conv1d_silu, (x, w, b, P))
     x16 = x.detach().to(torch.bfloat16)
     out = bidirectional_conv1d_silu(x16, w.detach().float(), b.detach().float())
     assert out.dtype == torch.bfloat16
@@ -437,19 +454,24 @@ def test_bidirectional_conv_gradcheck_and_float32_parameters_for_half_inputs():
     assert max_rel_error(out, ref) < 3e-2
 
 
-@pytest.mark.parametrize("x,w,b,match", [
-    (torch.randn(2, 6), None, None, r"x must have shape \(b, l, d\)"),
-    (None, torch.randn(6, 4), None, r"weight must have shape \(2, d, K\)"),
-    (None, torch.randn(3, 6, 4), None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
-    (None, torch.randn(2, 5, 4), None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
-    (None, torch.randn(2, 6, 0), None, "K >= 1"),
-    (None, None, torch.randn(6), r"bias must have shape \(2, d\)"),
-    (None, None, torch.randn(2, 5), r"bias must have shape \(2, d\) with d of x"),
-    (None, torch.randn(2, 6, 4, dtype=torch.float64), None, "weight must have x's dtype"),
-    (torch.randint(0, 3, (2, 9, 6)), None, None, "x must be a floating-point"),
+@pytest.mark.parametrize("x,w,b,proj,match", [
+    (torch.randn(2, 6), None, None, None, r"x must have shape \(b, l, d\)"),
+    (None, torch.randn(6, 4), None, None, r"weight must have shape \(2, d, K\)"),
+    (None, torch.randn(3, 6, 4), None, None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
+    (None, torch.randn(2, 5, 4), None, None, r"weight must have shape \(2, d, K\) with d = 6 of x"),
+    (None, torch.randn(2, 6, 0), None, None, "K >= 1"),
+    (None, None, torch.randn(6), None, r"bias must have shape \(2, d\)"),
+    (None, None, torch.randn(2, 5), None, r"bias must have shape \(2, d\) with d of x"),
+    (None, torch.randn(2, 6, 4, dtype=torch.float64), None, None, "weight must have x's dtype"),
+    (torch.randint(0, 3, (2, 9, 6)), None, None, None, "x must be a floating-point"),
+    (None, None, None, torch.randn(44, 6), r"proj_weight must have shape \(2, N, d\)"),
+    (None, None, None, torch.randn(2, 44, 5), r"proj_weight must have shape \(2, N, d\) with d = 6 of x"),
+    (None, None, None, torch.randn(1, 44, 6), r"proj_weight must have shape \(2, N, d\) with d = 6 of x"),
+    (None, None, None, torch.randn(2, 0, 6), "N >= 1"),
+    (None, None, None, torch.randn(2, 44, 6, dtype=torch.float64), "proj_weight must have x's dtype"),
 ])
-def test_bidirectional_conv_bad_inputs_raise_errors_naming_the_argument(x, w, b, match):
-    args = [torch.randn(2, 9, 6), torch.randn(2, 6, 4), torch.randn(2, 6)]
+def test_bidirectional_conv_bad_inputs_raise_errors_naming_the_argument(x, w, b, proj, match):
+    args = [torch.randn(2, 9, 6), torch.randn(2, 6, 4), torch.randn(2, 6), proj]
     for i, t in enumerate((x, w, b)):
         if t is not None:
             args[i] = t

@@ -12,10 +12,11 @@ the model's cost:
     the softmax sibling Q K^T and A V, 2 * N^2 * C per layer;
   * selective scans (Vim's ``BiMambaMixer``, VMamba's ``SS2D``): the recurrent form, per route and
     per (channel, state, token) a state update (delta B u) and a read-out (C x), so
-    routes * 2 * L * d_inner * d_state; plus the per-route projections that run inside the scan or as
-    batched einsums rather than as counted ops: dt_proj (routes * L * dt_rank * d_inner, formed by the
-    scan) and, for VMamba, x_proj (routes * L * d_inner * (dt_rank + 2 d_state)); plus Vim's causal
-    depthwise conv1d, which runs as shifted multiply-adds (2 directions * L * d_inner * 4).
+    routes * 2 * L * d_inner * d_state; plus the per-route projections that run inside the fused ops or
+    as batched matmuls rather than as counted ops: dt_proj (routes * L * dt_rank * d_inner, formed by
+    the scan) and x_proj (routes * L * d_inner * (dt_rank + 2 d_state); Vim's within its conv op,
+    VMamba's an einsum); plus Vim's causal depthwise conv1d, which runs as shifted multiply-adds
+    (2 directions * L * d_inner * 4).
 Elementwise work (norms, activations, gates) is not counted, as in the papers' tables.
 
     python tools/count_flops.py --models vig_t deit_tiny_patch16_224 --resolutions 224 1024
@@ -48,8 +49,8 @@ def _mixer_macs(module, inputs, output, totals: Dict[str, float]) -> None:
         totals["mixer"] += B * N * C * (2 * module.head_dim + 3) if module.linear else B * 2 * N * N * C
     elif isinstance(module, BiMambaMixer):
         B, L, _ = x.shape
-        conv = module.fwd.conv1d.kernel_size[0]
-        totals["mixer"] += B * 2 * L * module.d_inner * (2 * module.d_state + module.dt_rank + conv)
+        conv, x_proj = module.fwd.conv1d.kernel_size[0], module.dt_rank + 2 * module.d_state
+        totals["mixer"] += B * 2 * L * module.d_inner * (2 * module.d_state + module.dt_rank + conv + x_proj)
     elif isinstance(module, SS2D):
         B, _, H, W = x.shape
         x_proj = module.dt_rank + 2 * module.d_state

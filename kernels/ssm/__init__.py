@@ -236,45 +236,58 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
     return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
 
 
-def _validate_conv(x, weight, bias) -> None:
+def _validate_conv(x, weight, bias, proj_weight) -> None:
     check_tensor("x", x, 3, "(b, l, d)")
     check_tensor("weight", weight, 3, "(2, d, K)")
     named = [("x", x), ("weight", weight)]
     if bias is not None:
         check_tensor("bias", bias, 2, "(2, d)")
         named.append(("bias", bias))
+    if proj_weight is not None:
+        check_tensor("proj_weight", proj_weight, 3, "(2, N, d)")
+        named.append(("proj_weight", proj_weight))
     check_same_device([nm for nm, _ in named], [t for _, t in named])
     d = x.shape[2]
     if weight.shape[0] != 2 or weight.shape[1] != d or weight.shape[2] == 0:
         raise ValueError(f"weight must have shape (2, d, K) with d = {d} of x and K >= 1, got {tuple(weight.shape)}")
     if bias is not None:
         check_shape("bias", bias, (2, d), "(2, d) with d of x")
+    if proj_weight is not None and (proj_weight.shape[0] != 2 or proj_weight.shape[2] != d
+                                    or proj_weight.shape[1] == 0):
+        raise ValueError(f"proj_weight must have shape (2, N, d) with d = {d} of x and N >= 1, "
+                         f"got {tuple(proj_weight.shape)}")
     for name, t in named[1:]:
         _check_dtype(name, t, x, True, ref="x")
 
 
 def bidirectional_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                              backend: Optional[str] = None) -> torch.Tensor:
-    """Bidirectional Mamba's two depthwise convolutions + SiLU, both in the original token order.
+                              proj_weight: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+    """Bidirectional Mamba's two depthwise convolutions + SiLU, both in the original token order, and
+    optionally each route's bias-free projection of its output (Vim's x_proj).
 
     Args:
         x: (b, l, d) token-major input, any strides (e.g. a slice of the input projection's output).
         weight: (2, d, K) depthwise kernels (``nn.Conv1d(d, d, K, groups=d).weight[:, 0]`` per route);
             bias: optional (2, d). Both may be float32 with 16-bit x.
+        proj_weight: optional (2, N, d), per route ``nn.Linear(d, N, bias=False).weight`` (float32
+            allowed with 16-bit x). The compiled CPU path projects each block of rows right after
+            writing it (read back from L1, not memory).
         backend: 'auto' (the compiled CPU path for CPU tensors where it builds, PyTorch otherwise),
             'torch' or 'cpu'; 'triton' runs as 'auto' (no Triton kernel: on CUDA the PyTorch path).
     Returns:
         (b, l, 2, d) in x's dtype, contiguous: route 0 = silu(causal conv of x) (Mamba's conv1d),
         y_0[t] = silu(b_0 + sum_k w_0[k] x[t-(K-1)+k]); route 1 = the causal conv over the reversed
         sequence, put back in this order: y_1[t] = silu(b_1 + sum_k w_1[k] x[t+(K-1)-k]) (zero padding
-        outside the sequence).
+        outside the sequence). With proj_weight a tuple of it and the (b, l, 2, N) projections
+        proj[:, t, r] = proj_weight[r] @ y_r[t], in x's dtype, contiguous.
     """
-    _validate_conv(x, weight, bias)
+    _validate_conv(x, weight, bias, proj_weight)
     wanted = requested_backend(backend)
     path = resolve_backend("bidirectional_conv1d_silu", "auto" if wanted == "triton" else wanted, x.device, False,
-                           False, cpu_kernel_available, cpu_supports(x, weight, bias))
+                           False, cpu_kernel_available, cpu_supports(x, weight, bias, proj_weight))
     if x.numel() == 0:
-        return x.new_zeros(x.shape[0], x.shape[1], 2, x.shape[2])
+        y = x.new_zeros(x.shape[0], x.shape[1], 2, x.shape[2])
+        return y if proj_weight is None else (y, x.new_zeros(x.shape[0], x.shape[1], 2, proj_weight.shape[1]))
     if path == "cpu":
-        return cpu_bidirectional_conv1d_silu(x, weight, bias)
-    return torch_bidirectional_conv1d_silu(x, weight, bias)
+        return cpu_bidirectional_conv1d_silu(x, weight, bias, proj_weight)
+    return torch_bidirectional_conv1d_silu(x, weight, bias, proj_weight)

@@ -7,7 +7,9 @@ reversed sequence, written in the original token order, where it is anti-causal:
     y_1[t] = silu(b_1 + sum_k w_1[k] x[t + (K-1) - k])        (zero padded on the right)
 
 so that y_1 = flip(silu(causal_conv(flip(x)))) with no flipped copies. Token-major throughout: each
-tap is one multiply-add of a shifted slice of the zero-padded input (no (b, d, l) copies).
+tap is one multiply-add of a shifted slice of the zero-padded input (no (b, d, l) copies). With a
+per-route projection weight P (2, N, d) (Vim's x_proj), also proj_r[t] = P_r y_r[t], one batched
+matmul over the routes.
 """
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ import torch
 import torch.nn.functional as F
 
 
-def torch_bidirectional_conv1d_silu(x, weight, bias=None):
-    """Inputs validated by ``bidirectional_conv1d_silu``: x (b, l, d), weight (2, d, K), bias (2, d).
+def torch_bidirectional_conv1d_silu(x, weight, bias=None, proj_weight=None):
+    """Inputs validated by ``bidirectional_conv1d_silu``: x (b, l, d), weight (2, d, K), bias (2, d),
+    proj_weight (2, N, d).
 
-    Returns (b, l, 2, d) in x's dtype, computed in x's dtype (as ``nn.Conv1d`` would)."""
+    Returns (b, l, 2, d) in x's dtype, computed in x's dtype (as ``nn.Conv1d`` would), and with
+    proj_weight also the (b, l, 2, N) projection, contiguous."""
     K, L = weight.shape[-1], x.shape[1]
     xp = F.pad(x, (0, 0, K - 1, K - 1))                # x[t] at row t + K - 1
     w = weight.to(x.dtype)
@@ -32,4 +36,9 @@ def torch_bidirectional_conv1d_silu(x, weight, bias=None):
         for k in range(1, K):
             y = y.addcmul_(xp[:, first[k]:first[k] + L], w[r, :, k])
         routes.append(y)
-    return F.silu(torch.stack(routes, dim=2))
+    y = F.silu(torch.stack(routes, dim=2))
+    if proj_weight is None:
+        return y
+    b, N = x.shape[0], proj_weight.shape[1]
+    proj = torch.bmm(y.permute(2, 0, 1, 3).flatten(1, 2), proj_weight.to(x.dtype).transpose(1, 2))  # (2, b l, N)
+    return y, proj.unflatten(1, (b, L)).permute(1, 2, 0, 3).contiguous()

@@ -51,11 +51,20 @@ VB = 32  # channels per block: two AVX-512 vectors of float32, four AVX2 vectors
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #define VB %(VB)d
+/* projection tile: TB tokens x PG vectors of 16 columns, TB PG accumulators in registers (24 of the 32
+   AVX-512 registers; fewer tokens where vectors are narrower or registers fewer) */
+#ifdef __AVX512F__
+#define TB 8
+#else
+#define TB 2
+#endif
+#define PG 3
 #define CLAMP %(CLAMP)ff
 #define LOG2E 1.4426950408889634f
 
@@ -243,50 +252,93 @@ void scan_fwd(const float *u, const float *delta, const float *bias, const float
 
 static inline float silu(float v) { return v / (1.f + exp_clamped(fminf(fmaxf(-v, -CLAMP), CLAMP))); }
 
-/* One token row t of the bidirectional depthwise conv + SiLU: out[0] = silu(b_0 + sum_k w_0[k] x[t-(K-1)+k]),
-   out[1] = silu(b_1 + sum_k w_1[k] x[t+(K-1)-k]), zero padded. x (b, l, d) with strides xs (in elements),
-   w (2, K, d) and bias (2, d) contiguous, out (b, l, 2, d) contiguous. ``unit`` (unit channel stride) is a
+/* Route r of token row t of the bidirectional depthwise conv + SiLU: route 0 = silu(b_0 + sum_k w_0[k] x[t-(K-1)+k]),
+   route 1 = silu(b_1 + sum_k w_1[k] x[t+(K-1)-k]), zero padded, into o (d floats). x (b, l, d) with strides
+   xs (in elements), w (2, K, d) and bias (2, d) contiguous. ``unit`` (unit channel stride) is a
    compile-time constant in each inlined copy, so that the channel loops are plain vector loops. */
 static inline __attribute__((always_inline)) void conv_row(const int unit, const float *x, const float *w,
-                  const float *bias, float *out, const int64_t *xs, int64_t bi, int64_t t, int64_t l,
-                  int64_t d, int64_t K) {
-    for (int64_t r = 0; r < 2; r++) {
-        float *restrict o = out + ((bi * l + t) * 2 + r) * d;
-        for (int64_t c = 0; c < d; c++) o[c] = bias ? bias[r * d + c] : 0.f;
-        for (int64_t k = 0; k < K; k++) {
-            const int64_t s = r == 0 ? t - (K - 1) + k : t + (K - 1) - k;
-            if (s < 0 || s >= l) continue;                   /* zero padding */
-            const float *restrict xk = x + bi * xs[0] + s * xs[1];
-            const float *restrict wk = w + (r * K + k) * d;
-            if (unit)
-                #pragma omp simd
-                for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c];
-            else
-                for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c * xs[2]];
+                  const float *bias, float *restrict o, const int64_t *xs, int64_t bi, int64_t t, int64_t r,
+                  int64_t l, int64_t d, int64_t K) {
+    for (int64_t c = 0; c < d; c++) o[c] = bias ? bias[r * d + c] : 0.f;
+    for (int64_t k = 0; k < K; k++) {
+        const int64_t s = r == 0 ? t - (K - 1) + k : t + (K - 1) - k;
+        if (s < 0 || s >= l) continue;                       /* zero padding */
+        const float *restrict xk = x + bi * xs[0] + s * xs[1];
+        const float *restrict wk = w + (r * K + k) * d;
+        if (unit)
+            #pragma omp simd
+            for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c];
+        else
+            for (int64_t c = 0; c < d; c++) o[c] += wk[c] * xk[c * xs[2]];
+    }
+    #pragma omp simd
+    for (int64_t c = 0; c < d; c++) o[c] = silu(o[c]);
+}
+
+/* The per-route projection (Vim's x_proj) of TB conv output rows, fused so that the rows are read back
+   from L1: columns [g, g + 16 PG) of proj rows i < nt, proj[i] = Wt_r^T u[i]. u rows at stride us,
+   Wt (d, NP) (the route's weight, transposed and zero padded to NP columns), o rows at stride os with
+   N columns. A register tile: TB x PG vectors of 16 float32 accumulators (GNU vector extensions, lowered
+   to the machine's SIMD width); per k, PG weight vectors and TB broadcasts of u. */
+typedef float vec16 __attribute__((vector_size(64)));
+static inline void proj_tile(const float *u, int64_t us, const float *Wt, float *o, int64_t os, int64_t nt,
+                             int64_t d, int64_t NP, int64_t g, int64_t N) {
+    vec16 acc[TB][PG];
+    for (int i = 0; i < TB; i++)
+        for (int p = 0; p < PG; p++) acc[i][p] = (vec16){0};
+    for (int64_t k = 0; k < d; k++) {
+        vec16 wv[PG];
+        for (int p = 0; p < PG; p++) memcpy(&wv[p], Wt + k * NP + g + 16 * p, sizeof(vec16));
+        #pragma GCC unroll 8
+        for (int i = 0; i < TB; i++) {
+            const float s = i < nt ? u[i * us + k] : 0.f;
+            for (int p = 0; p < PG; p++) acc[i][p] += s * wv[p];
         }
-        #pragma omp simd
-        for (int64_t c = 0; c < d; c++) o[c] = silu(o[c]);
+    }
+    const int64_t m = N - g < 16 * PG ? N - g : 16 * PG;
+    for (int64_t i = 0; i < nt; i++) {
+        float row[16 * PG];
+        memcpy(row, acc[i], sizeof(row));
+        for (int64_t j = 0; j < m; j++) o[i * os + g + j] = row[j];
     }
 }
 
-static void conv_item(const float *x, const float *w, const float *bias, float *out, const int64_t *xs, int64_t l,
-                      int64_t d, int64_t K, int64_t q) {
-    if (xs[2] == 1) conv_row(1, x, w, bias, out, xs, q / l, q %% l, l, d, K);
-    else conv_row(0, x, w, bias, out, xs, q / l, q %% l, l, d, K);
+/* Item q of the flattened (batch, block of TB tokens) range: the block's conv rows of both routes into
+   out (b, l, 2, d) contiguous; with Wt (2, d, NP) also their projections into proj (b, l, 2, N). */
+static void conv_item(const float *x, const float *w, const float *bias, const float *Wt, float *out, float *proj,
+                      const int64_t *xs, int64_t l, int64_t d, int64_t K, int64_t N, int64_t NP, int64_t q) {
+    const int64_t nb = (l + TB - 1) / TB, t0 = (q %% nb) * TB, bi = q / nb;
+    const int64_t nt = l - t0 < TB ? l - t0 : TB;
+    float *u = out + (bi * l + t0) * 2 * d;                   /* route r of row i at u + (2 i + r) d */
+    for (int64_t i = 0; i < nt; i++)
+        for (int64_t r = 0; r < 2; r++) {
+            if (xs[2] == 1) conv_row(1, x, w, bias, u + (2 * i + r) * d, xs, bi, t0 + i, r, l, d, K);
+            else conv_row(0, x, w, bias, u + (2 * i + r) * d, xs, bi, t0 + i, r, l, d, K);
+        }
+    if (Wt)
+        for (int64_t r = 0; r < 2; r++)
+            for (int64_t g = 0; g < NP; g += 16 * PG)
+                proj_tile(u + r * d, 2 * d, Wt + r * d * NP, proj + ((bi * l + t0) * 2 + r) * N, 2 * N, nt, d, NP,
+                          g, N);
 }
 
-/* items: the flattened (batch, token) range, total = b l; on OpenMP threads in dynamic chunks of 64 rows */
-void conv_fwd(const float *x, const float *w, const float *bias, float *out, const int64_t *xs, int64_t l,
-              int64_t d, int64_t K, int64_t total, int64_t parts, int64_t p0, int64_t p1) {
+int64_t conv_tokens_per_item(void) { return TB; }
+
+/* items: the flattened (batch, token block) range, total = b ceil(l / TB); on OpenMP threads in dynamic
+   chunks of 8 items */
+void conv_fwd(const float *x, const float *w, const float *bias, const float *Wt, float *out, float *proj,
+              const int64_t *xs, int64_t l, int64_t d, int64_t K, int64_t N, int64_t NP, int64_t total,
+              int64_t parts, int64_t p0, int64_t p1) {
 #ifdef _OPENMP
     if (p0 == 0 && p1 == parts) {
-        #pragma omp parallel for num_threads(parts) schedule(dynamic, 64)
-        for (int64_t q = 0; q < total; q++) conv_item(x, w, bias, out, xs, l, d, K, q);
+        #pragma omp parallel for num_threads(parts) schedule(dynamic, 8)
+        for (int64_t q = 0; q < total; q++) conv_item(x, w, bias, Wt, out, proj, xs, l, d, K, N, NP, q);
         return;
     }
 #endif
     for (int64_t p = p0; p < p1; p++)
-        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++) conv_item(x, w, bias, out, xs, l, d, K, q);
+        for (int64_t q = total * p / parts; q < total * (p + 1) / parts; q++)
+            conv_item(x, w, bias, Wt, out, proj, xs, l, d, K, N, NP, q);
 }
 """
 
@@ -341,7 +393,8 @@ def _build() -> ctypes.CDLL:
         lib.scan_fwd.restype = None
         lib.scan_fwd.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int64] * 11
         lib.conv_fwd.restype = None
-        lib.conv_fwd.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+        lib.conv_fwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9
+        lib.conv_tokens_per_item.restype = ctypes.c_int64
         return lib
     raise RuntimeError(f"{compiler[0]} failed to build the CPU scan kernel:\n{errors[-1]}")
 
@@ -415,27 +468,42 @@ def _run(u, delta, delta_bias, delta_softplus, A, B, C, D, z, R, H, W, last_stat
     return out
 
 
-def _conv(x, weight, bias) -> torch.Tensor:
-    """x (b, l, d) any strides (read in place), weight (2, d, K), bias (2, d) or None -> (b, l, 2, d) float32."""
+def _conv(x, weight, bias, proj_weight=None):
+    """x (b, l, d) any strides (read in place), weight (2, d, K), bias (2, d) or None, proj_weight (2, N, d) or
+    None -> u (b, l, 2, d) float32 and, with proj_weight, its per-route projection (b, l, 2, N) float32
+    (else None); both contiguous."""
     _require_kernel()
     x = _f32(x)
     wt, bias = _f32(weight.transpose(1, 2), contiguous=True), _f32(bias, contiguous=True)   # wt: (2, K, d)
     b, l, d = x.shape
     out = torch.empty(b, l, 2, d, dtype=torch.float32)
+    N, Wt, proj = 0, None, None
+    if proj_weight is not None:           # (2, d, NP): transposed, columns zero padded to whole tiles
+        N = proj_weight.shape[1]
+        Wt = torch.zeros(2, d, -(-N // 48) * 48, dtype=torch.float32)
+        Wt[:, :, :N] = proj_weight.detach().transpose(1, 2)
+        proj = torch.empty(b, l, 2, N, dtype=torch.float32)
     strides = torch.tensor(x.stride(), dtype=torch.int64)
-    _parallel(_lib.conv_fwd, [*(_ptr(t) for t in (x, wt, bias, out, strides)), l, d, weight.shape[2]], b * l)
-    return out
+    tb = _lib.conv_tokens_per_item()
+    args = [*(_ptr(t) for t in (x, wt, bias, Wt, out, proj, strides)), l, d, weight.shape[2], N,
+            0 if Wt is None else Wt.shape[2]]
+    _parallel(_lib.conv_fwd, args, b * -(-l // tb))
+    return out, proj
 
 
 def _recomputed_grads(ctx, gy, fn, *extra) -> list:
     """Backward of the compiled forward: rerun the PyTorch path ``fn(*saved tensors, *extra)`` with autograd
-    and differentiate it by gy. One gradient (or None) per saved tensor, in order."""
+    and differentiate it by gy (a tuple where fn returns one). One gradient (or None) per saved tensor, in
+    order."""
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        y = fn(*leaves, *extra)
+        ys, gys = (fn(*leaves, *extra),), (gy,)
+        if isinstance(ys[0], tuple):
+            ys, gys = ys[0], gy
+        pairs = [(y, g) for y, g in zip(ys, gys) if y.requires_grad]   # outputs that depend on a wanted input
         wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+        grads = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
     return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
 
 
@@ -502,13 +570,14 @@ def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_s
 
 class _BidirectionalConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight, bias)
-        return _conv(x, weight, bias).to(x.dtype)
+    def forward(ctx, x, weight, bias, proj_weight):
+        ctx.save_for_backward(x, weight, bias, proj_weight)
+        u, proj = _conv(x, weight, bias, proj_weight)
+        return u.to(x.dtype) if proj is None else (u.to(x.dtype), proj.to(x.dtype))
 
     @staticmethod
-    def backward(ctx, gy):
-        return tuple(_recomputed_grads(ctx, gy, torch_bidirectional_conv1d_silu))
+    def backward(ctx, *grads):
+        return tuple(_recomputed_grads(ctx, grads if len(grads) > 1 else grads[0], torch_bidirectional_conv1d_silu))
 
 
 def _check_supported(op: str, *tensors) -> None:
@@ -533,7 +602,8 @@ def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_s
     return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes)
 
 
-def cpu_bidirectional_conv1d_silu(x, weight, bias=None):
-    """Inputs validated by ``bidirectional_conv1d_silu``; returns (b, l, 2, d) in x's dtype, contiguous."""
-    _check_supported("bidirectional_conv1d_silu", x, weight, bias)
-    return _BidirectionalConv.apply(x, weight, bias)
+def cpu_bidirectional_conv1d_silu(x, weight, bias=None, proj_weight=None):
+    """Inputs validated by ``bidirectional_conv1d_silu``; returns (b, l, 2, d) in x's dtype, contiguous, and
+    with proj_weight also the (b, l, 2, N) projection (computed from the rows just written, in L1)."""
+    _check_supported("bidirectional_conv1d_silu", x, weight, bias, proj_weight)
+    return _BidirectionalConv.apply(x, weight, bias, proj_weight)

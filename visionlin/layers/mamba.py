@@ -8,7 +8,8 @@ path (the official non-fused path silently runs only the forward one).
 
 Computed without flipping anything: the backward direction's causal conv over the reversed sequence
 is an anti-causal conv over the original order, and x_proj / dt_proj are per token, so both
-directions' inputs are built in the original order (``bidirectional_conv1d_silu``), and one two-route
+directions' inputs and x_proj outputs are built in the original order (``bidirectional_conv1d_silu``
+with the stacked x_proj weights: on CPU each block of conv rows is projected while still in L1), and one two-route
 ``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward, route 1 reversed raster =
 backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly;
 each direction's dt_proj is handed to the scan (``delta_proj_weight``), which forms delta per token.
@@ -73,10 +74,9 @@ class BiMambaMixer(nn.Module):
         """x: (B, L, dim) -> (B, L, dim). Per-route tensors are token-major buffers handed to the scan as
         transposed views, which its compiled CPU and Triton paths read in place."""
         x_in, z = self.in_proj(x).chunk(2, dim=-1)              # (B, L, d_inner) views
-        u = bidirectional_conv1d_silu(x_in, self._routes("conv1d.weight").squeeze(2),
-                                      self._routes("conv1d.bias"))    # (B, L, 2, d_inner): fwd, bwd
-        directions = (self.fwd, self.bwd)
-        x_dbl = torch.stack([d.x_proj(u[:, :, r]) for r, d in enumerate(directions)], dim=2)
+        # both directions' conv + SiLU, u (B, L, 2, d_inner), and their x_proj, x_dbl (B, L, 2, .), in one op
+        u, x_dbl = bidirectional_conv1d_silu(x_in, self._routes("conv1d.weight").squeeze(2),
+                                             self._routes("conv1d.bias"), self._routes("x_proj.weight"))
         dt, B, C = x_dbl.split((self.dt_rank, self.d_state, self.d_state), dim=-1)   # (B, L, 2, .)
         grid = lambda t: t.movedim(-2, -1).unsqueeze(-2)  # noqa: E731  (..., L, c) -> (..., c, 1, L) view
         route_major = lambda t: t.movedim(2, 1)  # noqa: E731  (B, L, 2, c) -> (B, 2, L, c) view
