@@ -1,5 +1,6 @@
 """Fused CPU path of the selective scans: a serial recurrence in compiled C, vectorised over channels
-(and of ``bidirectional_conv1d_silu``, Vim's two depthwise convs + SiLU, in one pass over the tokens).
+(and of ``bidirectional_conv1d_silu``, Vim's two depthwise convs + SiLU in one pass over the tokens, with
+each direction's x_proj applied to every block of 8 rows while it is in L1, by a register tile).
 
 The chunked PyTorch path (``chunk.py``) is bounded by memory traffic: it materialises a dozen
 (b, d, n, l) tensors, ~100 MB each for Vim-T at 1024^2 (l = 4097, d = 384, n = 16). This path keeps
@@ -116,7 +117,8 @@ enum { U_B, U_R, U_T, U_C, D_B, D_R, D_T, D_C, B_B, B_R, B_T, B_N, C_B, C_R, C_T
    is a compile-time constant in each inlined copy: its gathers become plain vector loads. With a
    delta projection (rank > 0, Wdt (R, d, rank)), delta_t = Wdt_r dt_t is formed per token from the
    rank-wide input dt_t (Mamba's dt_proj, fused: no (b, R, L, d) delta in memory). */
-static inline __attribute__((always_inline)) void block(const int fast, const float *u, const float *delta, const float *bias, const float *A, const float *Bm,
+static inline __attribute__((always_inline)) void block(const int fast, const float *u, const float *delta,
+                  const float *bias, const float *A, const float *Bm,
                   const float *Cm, const float *D, const float *z, const float *Wdt, float *out, float *last, float *h,
                   const int64_t *st, int64_t softplus, int64_t nv, int64_t c0, int64_t d, int64_t n, int64_t rank,
                   int64_t H, int64_t W, int64_t R, int64_t bi) {
@@ -219,9 +221,11 @@ static void scan_item(const float *u, const float *delta, const float *bias, con
     const int64_t nblk = (d + VB - 1) / VB;
     const int64_t c0 = (q %% nblk) * VB, nv = d - c0 < VB ? d - c0 : VB;
     if (nv == VB && st[U_C] == 1 && (rank || st[D_C] == 1) && (!z || st[Z_C] == 1))
-        block(1, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R, q / nblk);
+        block(1, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
+              q / nblk);
     else
-        block(0, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R, q / nblk);
+        block(0, u, delta, bias, A, Bm, Cm, D, z, Wdt, out, last, h, st, softplus, nv, c0, d, n, rank, H, W, R,
+              q / nblk);
 }
 
 /* items: the flattened (batch, channel block) range, total = b * ceil(d / VB); part p uses work row
