@@ -2,6 +2,7 @@
 token-serial references and the PyTorch path: odd lengths and widths, grouped B/C, every route, strided
 inputs read in place, extreme gates, 16-bit inputs, gradients, threads, dispatch and the build."""
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -302,6 +303,22 @@ def test_a_compiler_without_openmp_builds_the_kernels_without(tmp_path, monkeypa
     lib = scan_cpu._build()
     assert lib.has_openmp() == 0
     assert len(list((tmp_path / "cpu_kernels").glob("*.so"))) == 1
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector-width flags")
+def test_projection_tile_without_avx512_takes_fewer_tokens_and_agrees(tmp_path, monkeypatch):
+    """Built for AVX2 (no AVX-512: 16 vector registers), the projection tile holds 2 tokens instead of 8;
+    the results agree with the default build."""
+    from visionlin.kernels.ssm import scan_cpu
+    x, w, b, P = torch.randn(2, 29, 48)[..., 8:40], torch.randn(2, 32, 4), torch.randn(2, 32), torch.randn(2, 44, 32)
+    default = bidirectional_conv1d_silu(x, w, b, P)
+    monkeypatch.setenv("VISIONLIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(scan_cpu, "_FLAGS", [*scan_cpu._FLAGS, "-mno-avx512f"])
+    monkeypatch.setattr(scan_cpu, "_lib", scan_cpu._build())
+    assert scan_cpu._lib.conv_tokens_per_item() == 2
+    narrow = bidirectional_conv1d_silu(x, w, b, P)
+    for a, r in zip(narrow, default):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
 def test_dispatch_auto_picks_cpu_and_explicit_cpu_refuses_what_it_cannot_take():

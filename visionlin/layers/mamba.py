@@ -9,8 +9,8 @@ path (the official non-fused path silently runs only the forward one).
 Computed without flipping anything: the backward direction's causal conv over the reversed sequence
 is an anti-causal conv over the original order, and x_proj / dt_proj are per token, so both
 directions' inputs and x_proj outputs are built in the original order (``bidirectional_conv1d_silu``
-with the stacked x_proj weights: on CPU each block of conv rows is projected while still in L1), and one two-route
-``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward, route 1 reversed raster =
+with the stacked x_proj weights: on CPU each block of conv rows is projected while still in L1), and
+one two-route ``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward, route 1 reversed raster =
 backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly;
 each direction's dt_proj is handed to the scan (``delta_proj_weight``), which forms delta per token.
 """
