@@ -48,6 +48,7 @@ from .chunk import GATE_CLAMP, chunk_cross_selective_scan, chunk_selective_scan,
 from .conv import torch_bidirectional_conv1d_silu
 
 VB = 32  # channels per block: two AVX-512 vectors of float32, four AVX2 vectors
+PROJ_COLS = 48  # projection columns per register tile (three 16-float vectors); weights are padded to a multiple
 
 _SOURCE = r"""
 #include <math.h>
@@ -65,7 +66,7 @@ _SOURCE = r"""
 #else
 #define TB 2
 #endif
-#define PG 3
+#define PG (%(PROJ_COLS)d / 16)  /* projection columns per tile, in 16-float vectors */
 #define CLAMP %(CLAMP)ff
 #define LOG2E 1.4426950408889634f
 
@@ -372,7 +373,7 @@ def _machine_tag() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    source = _SOURCE % dict(VB=VB, CLAMP=GATE_CLAMP)
+    source = _SOURCE % dict(VB=VB, CLAMP=GATE_CLAMP, PROJ_COLS=PROJ_COLS)
     compiler = shlex.split(os.environ.get("CC", "")) or [c for c in ("cc", "gcc", "clang") if shutil.which(c)][:1]
     if not compiler or shutil.which(compiler[0]) is None:
         raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC', '')!r}; cc, gcc, clang not on PATH)")
@@ -484,7 +485,7 @@ def _conv(x, weight, bias, proj_weight=None):
     N, Wt, proj = 0, None, None
     if proj_weight is not None:           # (2, d, NP): transposed, columns zero padded to whole tiles
         N = proj_weight.shape[1]
-        Wt = torch.zeros(2, d, -(-N // 48) * 48, dtype=torch.float32)
+        Wt = torch.zeros(2, d, -(-N // PROJ_COLS) * PROJ_COLS, dtype=torch.float32)
         Wt[:, :, :N] = proj_weight.detach().transpose(1, 2)
         proj = torch.empty(b, l, 2, N, dtype=torch.float32)
     strides = torch.tensor(x.stride(), dtype=torch.int64)
