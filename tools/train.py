@@ -97,7 +97,13 @@ def main(argv=None) -> None:
     import visionlin.training  # noqa: F401  (registers our types before the runner builds them)
     resolve_resume(cfg, args.resume)
     runner = Runner.from_cfg(cfg)
-    runner.train()
+    try:
+        runner.train()
+    finally:
+        # gloo's threads must be joined before the interpreter exits, or a rank can abort at exit
+        # ("terminate called without an active exception") after training has finished
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
