@@ -8,7 +8,9 @@ so that both share every op):
   every decay factor is ``exp`` of a sum of gates between two tokens and every exponent is <= 0 —
   except inside a diagonal sub-block, where the factorised form q*exp(P_i) . k*exp(-P_j) is masked
   to j <= i; it runs in float32 while every |P| <= DIAG_FLOAT32_RANGE (exp(40) and exp(-40) are
-  normal float32 numbers) and in float64 otherwise (|P| <= SUB * GATE_FLOOR = 480 fits float64);
+  normal float32 numbers) and in float64 otherwise (|P| <= SUB * GATE_FLOOR = 480 fits float64).
+  Traced graphs (torch.compile, torch.export, ONNX) always take float64 here: one graph, exact for
+  every gate, with no branch on a tensor's values;
 * chunk states are passed by a loop over chunks (N / CHUNK steps of one fused op each); queries
   read the state at their chunk's start.
 
@@ -18,6 +20,8 @@ float32 precision, and the clamp keeps -inf out of the cumulative sums (where -i
 from __future__ import annotations
 
 import torch
+
+from .._dispatch import tracing
 
 SUB = 16
 CHUNK = 2 * SUB
@@ -40,9 +44,9 @@ def _causal_chunk_gla(q, k, v, g):
     k_dec = k * (T - P).exp()                               # decay from j to the sub-chunk end
 
     # Diagonal sub-blocks: q_i exp(P_i) . k_j exp(-P_j), masked to j <= i. exp(-P) may be huge:
-    # float32 holds it while P >= -DIAG_FLOAT32_RANGE (the usual case), float64 always.
+    # float32 holds it while P >= -DIAG_FLOAT32_RANGE (the usual case), float64 always (and traced).
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=q.device).tril()
-    if q.dtype == torch.float64 or bool(P.amin() >= -DIAG_FLOAT32_RANGE):
+    if q.dtype == torch.float64 or (not tracing() and bool(P.amin() >= -DIAG_FLOAT32_RANGE)):
         a_diag = q_dec @ (k * (-P).exp()).transpose(-1, -2)
     else:
         P64 = P.double()

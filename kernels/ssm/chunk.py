@@ -20,14 +20,16 @@ exponential overflows. The per-token log-decay delta*A is clamped to [-GATE_CLAM
 (exp(-30) ~ 1e-13 is already below float32 resolution; a growth of exp(30) per token overflows
 float32 within three tokens anyway), so |L| <= CHUNK * GATE_CLAMP = 480 inside a chunk. The chunk
 exponentials run in float32 while every |L| <= FLOAT32_RANGE and in float64 otherwise (exp(480)
-is a normal float64).
+is a normal float64). Traced graphs (torch.compile, torch.export, ONNX) always clamp and always take
+float64 exponentials: one graph, exact for every input, with no branch on a tensor's values.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .naive import route_forward
+from .._dispatch import tracing
+from .naive import route_backward, route_forward
 
 CHUNK = 16
 GATE_CLAMP = 30.0
@@ -80,15 +82,16 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     Bg = _grouped(F.pad(B.to(cd), (0, pad)), G)                         # (b, G, 1|dg, n, lp)
     Cg = _grouped(C.to(cd), G)                                          # (b, G, 1|dg, n, l)
 
-    # per-token log-decays; a bound from the small tensors decides clamping and precision
-    bound = float(delta.detach().abs().amax()) * float(A.detach().abs().amax())
+    # per-token log-decays; a bound from the small tensors decides clamping and precision (traced: static)
+    traced = tracing()
+    bound = 2 * GATE_CLAMP if traced else float(delta.detach().abs().amax()) * float(A.detach().abs().amax())
     dA = delta_p.view(b, G, dg, 1, lp) * A.view(G, dg, n, 1)            # (b, G, dg, n, lp)
     if bound > GATE_CLAMP:
         dA = dA.clamp(-GATE_CLAMP, GATE_CLAMP)
     L = dA.view(b, G, dg, n, nc, CHUNK).cumsum(dim=-1)
     del dA
     bu = (du.view(b, G, dg, 1, lp) * Bg).view(b, G, dg, n, nc, CHUNK)
-    if cd == torch.float32 and bound * CHUNK > FLOAT32_RANGE and _range(L, delta, A) > FLOAT32_RANGE:
+    if cd == torch.float32 and bound * CHUNK > FLOAT32_RANGE and (traced or _range(L, delta, A) > FLOAT32_RANGE):
         L, bu = L.double(), bu.double()
     exp_L = L.exp()
     # exp(-L), not 1 / exp(L): the reciprocal's gradient -1 / exp(L)^2 overflows for strong decays
@@ -145,9 +148,10 @@ def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta
                              None if delta_bias is None else delta_bias.reshape(R * d), delta_softplus,
                              out_dtype=cd)
     y = y.view(b, R, d, Lt)
-    # un-route: y_spatial[..., order[r, t]] = y[..., r, t], summed over routes
-    out = torch.zeros(b, d, Lt, dtype=cd, device=u.device)
-    out.index_add_(2, order.reshape(-1), y.permute(0, 2, 1, 3).reshape(b, d, R * Lt))
+    # un-route: y_spatial[..., order[r, t]] = y[..., r, t], i.e. a gather by each route's inverse order,
+    # summed over routes (an index_add with the routes' repeated indices is not exact in onnxruntime)
+    inverse = torch.stack([route_backward(grid.flatten(), r, H, W, R).flatten() for r in range(R)])  # (R, L)
+    out = y.gather(3, inverse.view(1, R, 1, Lt).expand(b, R, d, Lt)).sum(1)
     if z is not None:
         out = out * F.silu(z.reshape(b, d, Lt).to(cd))
     return out.view(b, d, H, W).to(u.dtype)

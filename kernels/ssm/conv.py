@@ -39,6 +39,6 @@ def torch_bidirectional_conv1d_silu(x, weight, bias=None, proj_weight=None):
     y = F.silu(torch.stack(routes, dim=2))
     if proj_weight is None:
         return y
-    b = x.shape[0]
-    proj = torch.bmm(y.permute(2, 0, 1, 3).flatten(1, 2), proj_weight.to(x.dtype).transpose(1, 2))  # (2, b l, N)
-    return y, proj.unflatten(1, (b, L)).permute(1, 2, 0, 3).contiguous()
+    # one einsum (a batched matmul over the routes); a bmm on flattened routes followed by unflatten + permute
+    # is mistranslated by the ONNX exporter (torch 2.14 / onnxscript 0.7: wrong values, no error)
+    return y, torch.einsum("blrd,rnd->blrn", y, proj_weight.to(x.dtype)).contiguous()

@@ -24,7 +24,10 @@ thread pool runs the parts.
 Where no compiler is available ``auto`` silently keeps the PyTorch path.
 
 Forward only in C: gradients come from the PyTorch paths, recomputed in backward (CPU training is
-rare and this keeps one differentiable implementation to trust). float32 compute; 16-bit inputs are
+rare and this keeps one differentiable implementation to trust). Each entry point is a ``torch.library``
+custom op (``visionlin::selective_scan_cpu``, ``cross_selective_scan_cpu``, ``bidirectional_conv1d_silu_cpu``)
+with a fake implementation, so torch.compile and torch.export see one opaque node and never the ctypes
+calls; its backward is a custom op too (``*_backward``), which reruns the PyTorch path under autograd. float32 compute; 16-bit inputs are
 upcast, float64 inputs stay on the PyTorch path.
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -404,8 +407,10 @@ def _build() -> ctypes.CDLL:
     raise RuntimeError(f"{compiler[0]} failed to build the CPU scan kernel:\n{errors[-1]}")
 
 
+@torch.compiler.assume_constant_result
 def cpu_kernel_available() -> bool:
-    """True when the compiled CPU scan is (or can be) built on this machine; builds it on first call."""
+    """True when the compiled CPU scan is (or can be) built on this machine; builds it on first call.
+    A constant to torch.compile (it builds, or reads the cached answer, while the graph is traced)."""
     global _lib, _load_error
     with _lock:
         if _lib is None and _load_error is None:
@@ -496,93 +501,214 @@ def _conv(x, weight, bias, proj_weight=None):
     return out, proj
 
 
-def _recomputed_grads(ctx, gy, fn, *extra) -> list:
-    """Backward of the compiled forward: rerun the PyTorch path ``fn(*saved tensors, *extra)`` with autograd
-    and differentiate it by gy (a tuple where fn returns one). One gradient (or None) per saved tensor, in
-    order."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(need)
-                  for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        ys, gys = (fn(*leaves, *extra),), (gy,)
-        if isinstance(ys[0], tuple):
-            ys, gys = ys[0], gy
-        pairs = [(y, g) for y, g in zip(ys, gys) if y.requires_grad]   # outputs that depend on a wanted input
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad([y for y, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True))
-    return [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+def _recomputed_grads(fn, inputs, douts, *extra) -> List[torch.Tensor]:
+    """Backward of a compiled forward: rerun the PyTorch path ``fn(*inputs, *extra)`` with autograd and
+    differentiate it by ``douts`` (one per output of fn; None for an output without gradient). One gradient per
+    input, in order: zeros where the outputs do not depend on it, an empty tensor for an absent (None) input
+    (custom ops return tensors only).
+
+    Called inside a custom op, where the dispatcher has switched autograd off for this thread (the op's own
+    autograd formula is the one registered): the recomputation runs on a fresh thread, whose dispatch state is
+    the default one, and this thread waits for it."""
+    result = {}
+
+    def recompute():
+        try:
+            leaves = [None if t is None else t.detach().requires_grad_() for t in inputs]
+            ys = fn(*leaves, *extra)
+            ys = ys if isinstance(ys, tuple) else (ys,)
+            pairs = [(y, g) for y, g in zip(ys, douts) if g is not None and y.requires_grad]
+            present = [t for t in leaves if t is not None]
+            grads = (torch.autograd.grad([y for y, _ in pairs], present, [g for _, g in pairs], allow_unused=True)
+                     if pairs else [None] * len(present))
+            result["grads"] = iter(grads)
+            result["leaves"] = leaves
+        except BaseException as e:  # re-raised on the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=recompute, name="visionlin-cpu-backward")
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    out = []
+    for t in result["leaves"]:
+        g = None if t is None else next(result["grads"])
+        # contiguous, as the fake implementation says (autograd may hand back an input's strides)
+        out.append(inputs[0].new_empty(0) if t is None else (t.new_zeros(t.shape) if g is None else g.contiguous()))
+    return out
 
 
-class _SelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.delta_softplus = delta_softplus
-        b, d, l = u.shape
-        n = A.shape[1]
-        gB = 1 if B.ndim == 3 else B.shape[1]
-        gC = 1 if C.ndim == 3 else C.shape[1]
-        G = gB if gB == gC else d  # B and C with different group counts: per-channel groups
-        dg = d // G
-
-        def group(M, g):  # group g's (b, n, l) B or C as a (b, 1, l, n) view
-            M = M.unsqueeze(1) if M.ndim == 3 else M
-            return M[:, g * M.shape[1] // G].transpose(1, 2).unsqueeze(1)
-
-        tokens = lambda t, cs: None if t is None else t[:, cs].transpose(1, 2)  # noqa: E731  (b, l, dg) views
-        per_channel = lambda t, cs: None if t is None else t[cs].view(1, -1)  # noqa: E731  (1, dg)
-        outs, lasts = [], []
-        for g in range(G):  # groups run on their channel slice (one call when ungrouped)
-            cs = slice(g * dg, (g + 1) * dg)
-            last = torch.zeros(b, dg, n, dtype=torch.float32) if return_last_state else None
-            outs.append(_run(tokens(u, cs).unsqueeze(1), tokens(delta, cs).unsqueeze(1), per_channel(delta_bias, cs),
-                             delta_softplus, A[cs].t().unsqueeze(0), group(B, g), group(C, g), per_channel(D, cs),
-                             tokens(z, cs), 1, 1, l, last))
-            lasts.append(last)
-        y = (outs[0] if G == 1 else torch.cat(outs, dim=-1)).transpose(1, 2).to(u.dtype)
-        if return_last_state:  # the last state is an output only (not differentiable on this path)
-            last = lasts[0] if G == 1 else torch.cat(lasts, dim=1)
-            ctx.mark_non_differentiable(last)
-            return y, last
-        return y
-
-    @staticmethod
-    def backward(ctx, gy, *unused):
-        return (*_recomputed_grads(ctx, gy, chunk_selective_scan, ctx.delta_softplus), None, None)
+def _fake_grads(inputs) -> List[torch.Tensor]:
+    return [inputs[0].new_empty(0) if t is None else t.new_empty(t.shape) for t in inputs]
 
 
-class _CrossSelectiveScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight)
-        ctx.delta_softplus, ctx.routes = delta_softplus, routes
-        H, W = u.shape[-2:]
-        tokens = lambda t: t.flatten(-2).transpose(-1, -2)  # noqa: E731  (..., c, H, W) -> (..., L, c) view
-        o = _run(tokens(u if u.ndim == 5 else u.unsqueeze(1)), tokens(delta), delta_bias, delta_softplus,
-                 A.transpose(1, 2), tokens(B), tokens(C), D, None if z is None else tokens(z), routes, H, W, None,
-                 delta_proj_weight)
-        return o.transpose(1, 2).unflatten(-1, (H, W)).to(u.dtype)
+def _present(grads, inputs) -> list:
+    """The custom ops' gradient list back to autograd's: None for absent inputs."""
+    return [None if t is None else g for g, t in zip(grads, inputs)]
 
-    @staticmethod
-    def backward(ctx, gy):
-        return (*_recomputed_grads(ctx, gy, _chunk_cross, ctx.delta_softplus, ctx.routes), None, None)
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile / torch.export (fake implementations give the
+# output metadata), differentiated through a backward op that recomputes the PyTorch path.
+# ----------------------------------------------------------------------------------------------
+def _selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    b, d, l = u.shape
+    n = A.shape[1]
+    gB = 1 if B.ndim == 3 else B.shape[1]
+    gC = 1 if C.ndim == 3 else C.shape[1]
+    G = gB if gB == gC else d  # B and C with different group counts: per-channel groups
+    dg = d // G
+
+    def group(M, g):  # group g's (b, n, l) B or C as a (b, 1, l, n) view
+        M = M.unsqueeze(1) if M.ndim == 3 else M
+        return M[:, g * M.shape[1] // G].transpose(1, 2).unsqueeze(1)
+
+    tokens = lambda t, cs: None if t is None else t[:, cs].transpose(1, 2)  # noqa: E731  (b, l, dg) views
+    per_channel = lambda t, cs: None if t is None else t[cs].view(1, -1)  # noqa: E731  (1, dg)
+    outs, lasts = [], []
+    for g in range(G):  # groups run on their channel slice (one call when ungrouped)
+        cs = slice(g * dg, (g + 1) * dg)
+        last = torch.zeros(b, dg, n, dtype=torch.float32) if return_last_state else None
+        outs.append(_run(tokens(u, cs).unsqueeze(1), tokens(delta, cs).unsqueeze(1), per_channel(delta_bias, cs),
+                         delta_softplus, A[cs].t().unsqueeze(0), group(B, g), group(C, g), per_channel(D, cs),
+                         tokens(z, cs), 1, 1, l, last))
+        lasts.append(last)
+    y = (outs[0] if G == 1 else torch.cat(outs, dim=-1)).transpose(1, 2).to(u.dtype)   # (b, d, l), token-major
+    if not return_last_state:
+        return y, u.new_empty(0, dtype=torch.float32)
+    return y, lasts[0] if G == 1 else torch.cat(lasts, dim=1)
+
+
+@torch.library.custom_op("visionlin::selective_scan_cpu", mutates_args=())
+def _ss_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+           D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+           delta_softplus: bool, return_last_state: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+@_ss_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    b, d, l = u.shape
+    last = u.new_empty((b, d, A.shape[1]) if return_last_state else (0,), dtype=torch.float32)
+    return u.new_empty(b, l, d).transpose(1, 2), last
+
+
+@torch.library.custom_op("visionlin::selective_scan_cpu_backward", mutates_args=())
+def _ss_backward_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, D: Optional[torch.Tensor], z: Optional[torch.Tensor],
+                    delta_bias: Optional[torch.Tensor], delta_softplus: bool) -> List[torch.Tensor]:
+    return _recomputed_grads(chunk_selective_scan, [u, delta, A, B, C, D, z, delta_bias], [dy], delta_softplus)
+
+
+@_ss_backward_op.register_fake
+def _(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return _fake_grads([u, delta, A, B, C, D, z, delta_bias])
+
+
+def _ss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.delta_softplus = inputs[8]
+
+
+def _ss_backward(ctx, dy, dlast):  # the last state is an output only: its gradient is not propagated
+    saved = ctx.saved_tensors
+    dy = torch.zeros_like(saved[0]) if dy is None else dy
+    return (*_present(_ss_backward_op(dy, *saved, ctx.delta_softplus), saved), None, None)
+
+
+_ss_op.register_autograd(_ss_backward, setup_context=_ss_setup)
+
+
+@torch.library.custom_op("visionlin::cross_selective_scan_cpu", mutates_args=())
+def _cross_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], z: Optional[torch.Tensor],
+              delta_proj_weight: Optional[torch.Tensor], delta_softplus: bool, routes: int) -> torch.Tensor:
+    H, W = u.shape[-2:]
+    tokens = lambda t: t.flatten(-2).transpose(-1, -2)  # noqa: E731  (..., c, H, W) -> (..., L, c) view
+    o = _run(tokens(u if u.ndim == 5 else u.unsqueeze(1)), tokens(delta), delta_bias, delta_softplus,
+             A.transpose(1, 2), tokens(B), tokens(C), D, None if z is None else tokens(z), routes, H, W, None,
+             delta_proj_weight)
+    return o.transpose(1, 2).unflatten(-1, (H, W)).to(u.dtype)
+
+
+@_cross_op.register_fake
+def _(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
+    H, W = u.shape[-2:]
+    return u.new_empty(u.shape[0], H, W, u.shape[-3]).permute(0, 3, 1, 2)   # channels-last, as the kernel writes
 
 
 def _chunk_cross(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
-    """``chunk_cross_selective_scan`` with _CrossSelectiveScan's argument order."""
+    """``chunk_cross_selective_scan`` with the op's argument order."""
     return chunk_cross_selective_scan(u, project_delta(delta, delta_proj_weight), A, B, C, D, delta_bias,
                                       delta_softplus, routes, z)
 
 
-class _BidirectionalConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, proj_weight):
-        ctx.save_for_backward(x, weight, bias, proj_weight)
-        u, proj = _conv(x, weight, bias, proj_weight)
-        return u.to(x.dtype) if proj is None else (u.to(x.dtype), proj.to(x.dtype))
+@torch.library.custom_op("visionlin::cross_selective_scan_cpu_backward", mutates_args=())
+def _cross_backward_op(dy: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
+                       z: Optional[torch.Tensor], delta_proj_weight: Optional[torch.Tensor], delta_softplus: bool,
+                       routes: int) -> List[torch.Tensor]:
+    return _recomputed_grads(_chunk_cross, [u, delta, A, B, C, D, delta_bias, z, delta_proj_weight], [dy],
+                             delta_softplus, routes)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        return tuple(_recomputed_grads(ctx, grads if len(grads) > 1 else grads[0], torch_bidirectional_conv1d_silu))
+
+@_cross_backward_op.register_fake
+def _(dy, u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes):
+    return _fake_grads([u, delta, A, B, C, D, delta_bias, z, delta_proj_weight])
+
+
+def _cross_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.delta_softplus, ctx.routes = inputs[9], inputs[10]
+
+
+def _cross_backward(ctx, dy):
+    saved = ctx.saved_tensors
+    return (*_present(_cross_backward_op(dy, *saved, ctx.delta_softplus, ctx.routes), saved), None, None)
+
+
+_cross_op.register_autograd(_cross_backward, setup_context=_cross_setup)
+
+
+@torch.library.custom_op("visionlin::bidirectional_conv1d_silu_cpu", mutates_args=())
+def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             proj_weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    u, proj = _conv(x, weight, bias, proj_weight)
+    return u.to(x.dtype), (x.new_empty(0) if proj is None else proj.to(x.dtype))
+
+
+@_conv_op.register_fake
+def _(x, weight, bias, proj_weight):
+    b, l, d = x.shape
+    return x.new_empty(b, l, 2, d), x.new_empty(0 if proj_weight is None else (b, l, 2, proj_weight.shape[1]))
+
+
+@torch.library.custom_op("visionlin::bidirectional_conv1d_silu_cpu_backward", mutates_args=())
+def _conv_backward_op(du: torch.Tensor, dproj: Optional[torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], proj_weight: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    douts = [du] if proj_weight is None else [du, dproj]
+    return _recomputed_grads(torch_bidirectional_conv1d_silu, [x, weight, bias, proj_weight], douts)
+
+
+@_conv_backward_op.register_fake
+def _(du, dproj, x, weight, bias, proj_weight):
+    return _fake_grads([x, weight, bias, proj_weight])
+
+
+def _conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_backward(ctx, du, dproj):
+    saved = ctx.saved_tensors
+    x, proj_weight = saved[0], saved[3]
+    du = x.new_zeros(x.shape[0], x.shape[1], 2, x.shape[2]) if du is None else du
+    dproj = None if proj_weight is None else dproj
+    return tuple(_present(_conv_backward_op(du, dproj, *saved), saved))
+
+
+_conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def _check_supported(op: str, *tensors) -> None:
@@ -596,7 +722,8 @@ def cpu_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                        return_last_state=False):
     """Inputs validated by ``selective_scan``; same returns (last state in float32)."""
     _check_supported("selective_scan", u, delta, A, B, C, D, z, delta_bias)
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    y, last = _ss_op(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state))
+    return (y, last) if return_last_state else y
 
 
 def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None,
@@ -604,11 +731,12 @@ def cpu_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_s
     """Inputs validated by ``cross_selective_scan``; returns (b, d, H, W) in u's dtype (channels-last).
     With delta_proj_weight the projection runs inside the scan (delta is its low-rank input)."""
     _check_supported("cross_selective_scan", u, delta, A, B, C, D, delta_bias, z, delta_proj_weight)
-    return _CrossSelectiveScan.apply(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, delta_softplus, routes)
+    return _cross_op(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight, bool(delta_softplus), int(routes))
 
 
 def cpu_bidirectional_conv1d_silu(x, weight, bias=None, proj_weight=None):
     """Inputs validated by ``bidirectional_conv1d_silu``; returns (b, l, 2, d) in x's dtype, contiguous, and
     with proj_weight also the (b, l, 2, N) projection (computed from the rows just written, in L1)."""
     _check_supported("bidirectional_conv1d_silu", x, weight, bias, proj_weight)
-    return _BidirectionalConv.apply(x, weight, bias, proj_weight)
+    u, proj = _conv_op(x, weight, bias, proj_weight)
+    return u if proj_weight is None else (u, proj)

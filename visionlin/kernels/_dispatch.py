@@ -43,6 +43,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def tracing() -> bool:
+    """True while torch.compile, torch.export or the ONNX exporter trace the call. The PyTorch paths then take
+    their static branch (the one exact for every input) instead of choosing by a tensor's values, so that one
+    traced graph holds for all inputs."""
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
     """Force a backend for every visionlin kernel called inside the block (thread-local)."""
@@ -76,6 +83,8 @@ def resolve_backend(op: str, backend: Optional[str], device: torch.device, has_t
     raise its error. ``cpu_impl`` is the op's compiled-CPU availability check (None: it has none).
     """
     wanted = requested_backend(backend)
+    if wanted == "auto" and torch.onnx.is_in_onnx_export():
+        wanted = "torch"  # ONNX holds standard ops only: the PyTorch path is what gets exported
     if wanted == "auto":
         use_triton = has_triton_impl and triton_supports and device.type == "cuda" and triton_available()
         use_cpu = cpu_impl is not None and cpu_supports and device.type == "cpu" and cpu_impl()
