@@ -14,6 +14,7 @@ epoch, and the run continues with the same random streams (``EpochSeedHook``).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -99,12 +100,26 @@ def main(argv=None) -> None:
     runner = Runner.from_cfg(cfg)
     try:
         runner.train()
-    finally:
-        # gloo's threads must be joined before the interpreter exits, or a rank can abort at exit
-        # ("terminate called without an active exception") after training has finished
+    except BaseException:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        raise
+    del runner
+    shutdown_distributed()
 
+
+def shutdown_distributed() -> None:
+    """End a distributed run while the interpreter is still whole.
+
+    A gloo group's worker threads outlive ``destroy_process_group`` while DDP's reducer still holds the
+    group, and one that frees a finished collective's tensors during interpreter shutdown aborts the
+    rank ("terminate called without an active exception") after training has succeeded. So: wait for
+    every rank's outstanding collectives, drop the last references to the wrapped model, then destroy."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
