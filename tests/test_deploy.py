@@ -1,16 +1,20 @@
 """Every registered model compiles and deploys (CPU, fp32): torch.compile with fullgraph=True, torch.export
-with dynamic dims and a .pt2 round trip, ONNX files run by onnxruntime, and the operators' custom ops
-under torch.library.opcheck. Tiny instances of every variant (flags kept, sizes shrunk)."""
+with dynamic dims and a .pt2 round trip, ONNX files run by onnxruntime, TorchScript, and the operators' custom
+ops under torch.library.opcheck. Tiny instances of every variant (flags kept, sizes shrunk); the per-model checks
+run once per distinct tiny network (``zoo.DISTINCT``), and every other variant is checked to be one of those."""
+import subprocess
+import sys
 import warnings
 
 import pytest
+import timm
 import torch
 
 import visionlin  # noqa: F401  (registers the models and the operators)
 from visionlin import deploy
 from visionlin.kernels import use_backend
 from visionlin.kernels.ssm import cpu_kernel_available
-from zoo import ALL, MODELS, SMALL, tiny
+from zoo import DISTINCT, MODELS, SAME_TINY_NETWORK, SMALL, tiny
 
 # families whose exported graphs take any H/W on CPU: the scans' compiled CPU operators (Vim, VMamba) and
 # RAVLT's loop-free linear attention; ViG's PyTorch GLA path loops over chunks (deploy.py explains)
@@ -33,7 +37,19 @@ def _eager(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", sorted(SAME_TINY_NETWORK))
+def test_variant_without_its_own_deploy_run_is_the_same_tiny_network_as_its_representative(name):
+    torch.manual_seed(0)
+    model, twin = tiny(name).eval(), tiny(SAME_TINY_NETWORK[name]).eval()
+    assert type(model) is type(twin)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    twin.load_state_dict(model.state_dict())
+    for size in (SMALL, 2 * SMALL):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(_eager(twin, x), _eager(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", DISTINCT)
 def test_compile_fullgraph_traces_without_graph_breaks_and_matches_eager(name):
     """aot_eager: Dynamo with fullgraph=True (a graph break raises) plus AOTAutograd's fake-tensor trace."""
     torch._dynamo.reset()
@@ -61,7 +77,7 @@ def test_inductor_compiled_model_matches_eager_forward_and_backward(name):
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-3, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_export_dynamic_dims_match_eager_before_and_after_a_pt2_round_trip(tmp_path, name):
     model = tiny(name).eval()
     program, dims = deploy.export_program(model, torch.randn(2, 3, SMALL, SMALL), dynamic=True)
@@ -78,7 +94,7 @@ def test_export_dynamic_dims_match_eager_before_and_after_a_pt2_round_trip(tmp_p
             torch.testing.assert_close(loaded(x), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", DISTINCT)
 def test_onnx_file_runs_in_onnxruntime_within_1e4_at_two_resolutions(tmp_path, name):
     model = tiny(name).eval()
     for size in (SMALL, 2 * SMALL):
@@ -176,3 +192,110 @@ def test_opcheck_bidirectional_conv1d_silu_cpu(with_proj):
                        torch.randn(2, 8, requires_grad=True))
     proj = torch.randn(2, 6, 8, requires_grad=True) if with_proj else None
     torch.library.opcheck(torch.ops.visionlin.bidirectional_conv1d_silu_cpu.default, (x, weight, bias, proj))
+
+
+# ---------------------------------------------------------------------------------------------------
+# TorchScript: the scripted operators run their PyTorch paths; scripted models need no visionlin to load
+# ---------------------------------------------------------------------------------------------------
+def _scripted(fn):
+    return torch.jit.script(fn)
+
+
+@pytest.mark.parametrize("gate_scale", [1.0, 40.0])  # 40: |P| beyond float32's range, the float64 diagonal blocks
+def test_scripted_bidirectional_gla_matches_the_reference(gate_scale):
+    from test_gla_torch import make_inputs
+    from visionlin.kernels.gla import bidirectional_gla, naive_bidirectional_gla
+    inputs = make_inputs(N=45, gate_scale=gate_scale)
+    out = _scripted(bidirectional_gla)(*inputs)
+    torch.testing.assert_close(out, bidirectional_gla(*inputs, backend="torch"), rtol=0, atol=0)
+    torch.testing.assert_close(out, naive_bidirectional_gla(*inputs), rtol=1e-4, atol=1e-4)
+
+
+def test_scripted_linear_attention_matches_the_reference():
+    from visionlin.kernels.linear_attn import linear_attention, naive_linear_attention
+    q, k = torch.rand(2, 9, 2, 8), torch.rand(2, 13, 2, 8)
+    v, w = torch.randn(2, 13, 2, 4), torch.rand(2, 13, 2) * 13
+    out = _scripted(linear_attention)(q, k, v, None, k.flip(1), w)
+    torch.testing.assert_close(out, naive_linear_attention(q, k, v, None, k.flip(1), w), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("A_scale", [1.0, 30.0])  # 30: strong decays, the clamp and float64 chunk exponentials
+def test_scripted_selective_scan_matches_the_reference_with_and_without_the_last_state(A_scale):
+    from test_selective_scan_torch import scan_inputs
+    from visionlin.kernels.ssm import naive_selective_scan, selective_scan
+    inputs = scan_inputs(l=37, A_scale=A_scale)
+    scripted = _scripted(selective_scan)
+    out, last = scripted(*inputs, delta_softplus=True, return_last_state=True)
+    ref, ref_last = naive_selective_scan(*inputs, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, ref_last.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scripted(*inputs), selective_scan(*inputs, backend="torch"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("routes", [1, 2, 4])
+def test_scripted_cross_selective_scan_matches_the_reference(routes):
+    from test_selective_scan_torch import cross_inputs
+    from visionlin.kernels.ssm import cross_selective_scan, naive_cross_selective_scan
+    u, delta, A, B, C, D, bias = cross_inputs(H=5, W=7, R=routes, per_route_u=routes == 2)
+    z = torch.randn(2, 5, 5, 7)
+    out = _scripted(cross_selective_scan)(u, delta, A, B, C, D, bias, True, routes, z)
+    torch.testing.assert_close(out, naive_cross_selective_scan(u, delta, A, B, C, D, bias, True, routes, z),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_scripted_bidirectional_conv1d_silu_matches_the_pytorch_path():
+    from visionlin.kernels.ssm import bidirectional_conv1d_silu
+    x, weight, bias, proj = torch.randn(2, 19, 8), torch.randn(2, 8, 4), torch.randn(2, 8), torch.randn(2, 6, 8)
+    scripted = _scripted(bidirectional_conv1d_silu)
+    torch.testing.assert_close(scripted(x, weight, bias), bidirectional_conv1d_silu(x, weight, bias, backend="torch"))
+    y, p = scripted(x, weight, bias, proj)
+    y_ref, p_ref = bidirectional_conv1d_silu(x, weight, bias, proj, backend="torch")
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(p, p_ref)
+
+
+@pytest.mark.parametrize("name", DISTINCT)
+def test_torchscript_model_matches_eager_at_two_sizes(name):
+    """As timm's torchscript test builds it (scriptable layers), compared with eager (the fused CPU paths where
+    eager takes them), at the default size and a larger one."""
+    with timm.layers.set_layer_config(scriptable=True):
+        model = tiny(name).eval()
+    scripted = torch.jit.script(model)
+    for batch, size in ((2, SMALL), (1, 2 * SMALL)):
+        x = torch.randn(batch, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vig_t", "vig_h_t", "ravlt_t", "vim_t", "vmamba_t"])
+def test_torchscript_file_loads_and_runs_in_a_process_without_visionlin(tmp_path, name):
+    """A saved script holds aten ops only: a fresh interpreter that never imports visionlin (nor timm) runs it,
+    and its gradients flow (training a scripted model)."""
+    model = tiny(name).eval()
+    x = torch.randn(2, 3, SMALL, SMALL)
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "m.pt"))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch\n"
+            "m = torch.jit.load(sys.argv[1] + '/m.pt'); x = torch.load(sys.argv[1] + '/x.pt')\n"
+            "y = m(x); y.square().mean().backward()\n"
+            "assert all(p.grad is not None for p in m.parameters() if p.requires_grad)\n"
+            "torch.save(y.detach(), sys.argv[1] + '/y.pt')\n"
+            "assert not any(n.split('.')[0] in ('visionlin', 'timm') for n in sys.modules), 'imported visionlin'\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), _eager(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vig_t", "vig_h_t", "ravlt_t", "vim_t", "vmamba_t"])
+def test_fx_traced_then_scripted_model_matches_eager(name):
+    """timm's FX + TorchScript path: the FX graph (mixers as leaves) scripts and runs the same network."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    with timm.layers.set_layer_config(scriptable=True):
+        model = tiny(name).eval()
+    leaves = timm.models.get_notrace_modules()
+    fns = timm.models.get_notrace_functions()
+    fx = create_feature_extractor(model, return_nodes=["head"] if hasattr(model, "head") else None,
+                                  tracer_kwargs=dict(leaf_modules=leaves, autowrap_functions=fns))
+    scripted = torch.jit.script(fx)
+    x = torch.randn(2, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x)["head"], model(x), rtol=1e-4, atol=1e-4)

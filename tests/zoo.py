@@ -23,6 +23,13 @@ TINY_ARGS = {
     "vmamba": dict(embed_dim=32, depths=(1, 1, 2, 1)),
     "ravlt": dict(embed_dims=(32, 32, 64, 64), depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2), head_hidden_size=48),
 }
+# variants whose tiny instance is the same network as another's (same parameters, same eval outputs: the variants
+# differ only in sizes the tiny config overrides, or in training-only settings); tests/test_deploy.py checks this,
+# and runs its slow per-model deploy checks on DISTINCT only
+SAME_TINY_NETWORK = {"vig_b": "vig_s", "vig_h_s": "vig_h_t", "vig_h_b": "vig_h_t", "ravlt_s": "ravlt_t",
+                     "ravlt_b": "ravlt_t", "ravlt_l": "ravlt_t", "vmamba_s": "vmamba_t", "vmamba_b": "vmamba_t",
+                     "vim_s": "vim_t", "vim_b": "vim_t"}
+DISTINCT = [n for n in ALL if n not in SAME_TINY_NETWORK]
 SMALL = 64  # test resolution: divisible by 32, keeps the full-size models quick on CPU
 
 _models = {}

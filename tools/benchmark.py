@@ -87,9 +87,6 @@ DEFAULT_MODELS = ["vig_t", "deit_tiny_patch16_224"]
 DEFAULT_RESOLUTIONS = [224, 512]
 DEFAULT_BASELINE = "deit_tiny_patch16_224"
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 MEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 COLUMNS = [
@@ -450,19 +447,11 @@ def apply_baseline(rows: list[dict], baseline: str | None) -> None:
 
 
 def _atomic_write(path: str, write_fn, mode: str = "w") -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the files the usual permissions
-        with os.fdopen(fd, mode, **({"newline": ""} if mode == "w" else {})) as f:
+    """``write_fn(f)`` on a file opened in ``mode``, written atomically (``visionlin._io.atomic_file``)."""
+    from visionlin._io import atomic_file  # here: the orchestrator itself imports no torch
+    with atomic_file(path) as tmp:
+        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
             write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_tables(out: str, meta: dict, rows: list[dict], columns: list[str] = COLUMNS,

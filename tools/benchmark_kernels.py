@@ -48,7 +48,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -253,17 +252,10 @@ def markdown_table(rows) -> str:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)       # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """``write(tmp)`` on a temporary sibling that becomes ``path`` atomically (``visionlin._io.atomic_file``)."""
+    from visionlin._io import atomic_file  # here: the orchestrator itself imports no torch
+    with atomic_file(path) as tmp:
+        write(str(tmp))
 
 
 def write_csv(rows, path: Path) -> None:

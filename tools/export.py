@@ -1,20 +1,22 @@
-"""Export a registered model to ONNX or a torch.export program (.pt2), verified against eager PyTorch.
+"""Export a registered model to ONNX, a torch.export program (.pt2) or TorchScript (.pt), verified against eager.
 
 Builds the model (random weights, or ``--checkpoint``: ours, a converted safetensors file or an official
 file the family's filter understands), exports it on a (batch, 3, N, N) example, reloads the artefact
-(onnxruntime for ONNX, ``torch.export.load`` for .pt2), runs it on the example (and, with ``--dynamic``,
-on a second batch size) and prints the max |artefact - eager|. The file is written atomically, and removed
-again if the check fails. ``--dynamic`` makes the batch dynamic, and H/W too where the model's graph
-allows it (see ``visionlin.deploy``).
+(onnxruntime for ONNX, ``torch.export.load`` for .pt2, ``torch.jit.load`` for TorchScript), runs it on the
+example (and, with ``--dynamic``, on a second batch size) and prints the max |artefact - eager|. The file is
+written atomically, and removed again if the check fails. ``--dynamic`` makes the batch dynamic, and H/W too
+where the model's graph allows it (see ``visionlin.deploy``); a TorchScript graph keeps its control flow, so
+batch and H/W are always free there (and the check always runs a second batch size).
 
-``--benchmark`` (ONNX) then times onnxruntime against eager PyTorch on the CPU at each ``--sizes``
-resolution (one ONNX file per size unless H/W are dynamic): both in this process, interleaved round by
-round after a warm-up, each round the median of ``--iters`` runs; the table reports the median over
-``--rounds`` rounds and the eager / onnxruntime ratio, and is also written as JSON and PNG next to the
-output (``<out>.benchmark.json`` / ``.png``).
+``--benchmark`` (ONNX or TorchScript) then times the artefact (onnxruntime, or the loaded script) against
+eager PyTorch on the CPU at each ``--sizes`` resolution (one ONNX file per size unless H/W are dynamic): both
+in this process, interleaved round by round after ``--warmup`` runs, each round the median of ``--iters`` runs; the
+table reports the median over ``--rounds`` rounds and the eager / exported ratio, and is also written as JSON
+and PNG next to the output (``<out>.benchmark.json`` / ``.png``).
 
     python tools/export.py vig_t --format onnx --img-size 224
     python tools/export.py vim_t --format pt2 --dynamic
+    python tools/export.py ravlt_t --format torchscript       # ravlt_t_224.pt, loads without visionlin
     python tools/export.py vmamba_t --format onnx --benchmark --sizes 224 1024 --rounds 5
 """
 from __future__ import annotations
@@ -36,13 +38,14 @@ import visionlin  # noqa: F401  (registers the models and operators)
 from visionlin import deploy
 
 TOLERANCE = 1e-4  # max |artefact - eager| accepted for fp32 on CPU
+SUFFIX = {"onnx": "onnx", "pt2": "pt2", "torchscript": "pt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a registered model name, e.g. vig_t")
-    p.add_argument("--format", choices=("onnx", "pt2"), required=True)
+    p.add_argument("--format", choices=tuple(SUFFIX), required=True)
     p.add_argument("--img-size", type=int, default=224, help="example resolution (default 224)")
     p.add_argument("--batch-size", type=int, default=1, help="example batch (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, and H/W where the model allows")
@@ -56,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="benchmark resolutions (default: --img-size)")
     p.add_argument("--rounds", type=int, default=5, help="benchmark rounds (default 5)")
     p.add_argument("--iters", type=int, default=3, help="timed runs per round and side (default 3)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs per side before timing (default 2; TorchScript optimises its graph on them)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for both sides (default: torch's)")
     return p
 
@@ -78,7 +83,8 @@ def build_model(args) -> torch.nn.Module:
         except (ValueError, SyntaxError):
             kwargs[key] = value  # a plain string
     try:
-        model = timm.create_model(args.model, **kwargs)
+        with timm.layers.set_layer_config(scriptable=args.format == "torchscript"):  # as timm builds for scripting
+            model = timm.create_model(args.model, **kwargs)
     except TypeError as e:
         fail(f"{args.model} does not take these arguments ({e})")
     if args.checkpoint:
@@ -103,11 +109,13 @@ def check_size(model, size: int, batch: int) -> torch.Tensor:
 def verify(args, model, path: Path, example: torch.Tensor) -> float:
     """max |artefact - eager| on the example (and on a second batch size when the batch is dynamic)."""
     inputs = [example]
-    if args.dynamic:
+    if args.dynamic or args.format == "torchscript":
         inputs.append(torch.randn(example.shape[0] + 1, *example.shape[1:]))
     if args.format == "onnx":
         session = deploy.onnx_session(path, args.threads)
         run = lambda x: deploy.run_onnx(session, x)  # noqa: E731
+    elif args.format == "torchscript":
+        run = deploy.load_script(path)
     else:
         program = deploy.load_program(path).module()
         run = lambda x: program(x)  # noqa: E731
@@ -127,30 +135,40 @@ def _median_time(fn, iters: int) -> float:
     return statistics.median(times)
 
 
+RUNTIME = {"onnx": "onnxruntime", "torchscript": "torchscript"}  # the formats --benchmark times
+
+
 def benchmark(args, model, path: Path, dims) -> list:
     rows = []
+    runtime = RUNTIME[args.format]
+    scripted = deploy.load_script(path) if args.format == "torchscript" else None  # takes every size
     with tempfile.TemporaryDirectory(prefix="visionlin_export_") as scratch:
         for size in args.sizes or [args.img_size]:
             x = check_size(model, size, args.batch_size)
-            file = path
-            if size != args.img_size and "height" not in dims:
-                print(f"[benchmark] exporting {args.model} at {size}x{size} ...", flush=True)
-                file, _ = deploy.export_onnx(model, x, Path(scratch) / f"{size}.onnx", opset=args.opset)
-            session = deploy.onnx_session(file, args.threads)
+            if scripted is not None:
+                exported = lambda: scripted(x)  # noqa: E731
+            else:
+                file = path
+                if size != args.img_size and "height" not in dims:
+                    print(f"[benchmark] exporting {args.model} at {size}x{size} ...", flush=True)
+                    file, _ = deploy.export_onnx(model, x, Path(scratch) / f"{size}.onnx", opset=args.opset)
+                session = deploy.onnx_session(file, args.threads)
+                exported = lambda: deploy.run_onnx(session, x)  # noqa: E731
             with torch.no_grad():
                 eager = lambda: model(x)  # noqa: E731
-                ort = lambda: deploy.run_onnx(session, x)  # noqa: E731
-                error = deploy.max_abs_error(ort(), eager())
-                eager_t, ort_t = [], []
+                error = deploy.max_abs_error(exported(), eager())
+                for _ in range(args.warmup - 1):
+                    exported(), eager()
+                eager_t, exported_t = [], []
                 for r in range(args.rounds):  # interleaved: both sides see the same machine state
                     eager_t.append(_median_time(eager, args.iters))
-                    ort_t.append(_median_time(ort, args.iters))
+                    exported_t.append(_median_time(exported, args.iters))
                     print(f"[benchmark] {size}: round {r + 1}/{args.rounds}: eager {eager_t[-1] * 1e3:.1f} ms, "
-                          f"onnxruntime {ort_t[-1] * 1e3:.1f} ms", flush=True)
-            rows.append(dict(model=args.model, size=size, batch=args.batch_size,
-                             eager_ms=statistics.median(eager_t) * 1e3, onnxruntime_ms=statistics.median(ort_t) * 1e3,
+                          f"{runtime} {exported_t[-1] * 1e3:.1f} ms", flush=True)
+            rows.append(dict(model=args.model, size=size, batch=args.batch_size, runtime=runtime,
+                             eager_ms=statistics.median(eager_t) * 1e3, exported_ms=statistics.median(exported_t) * 1e3,
                              max_abs_error=error))
-            rows[-1]["eager_over_onnxruntime"] = rows[-1]["eager_ms"] / rows[-1]["onnxruntime_ms"]
+            rows[-1]["eager_over_exported"] = rows[-1]["eager_ms"] / rows[-1]["exported_ms"]
     return rows
 
 
@@ -169,7 +187,7 @@ def write_benchmark(path: Path, meta: dict, rows: list) -> None:
     sizes = [str(r["size"]) for r in rows]
     xs = range(len(rows))
     ax.bar([i - 0.2 for i in xs], [r["eager_ms"] for r in rows], 0.4, label="eager PyTorch")
-    ax.bar([i + 0.2 for i in xs], [r["onnxruntime_ms"] for r in rows], 0.4, label="onnxruntime")
+    ax.bar([i + 0.2 for i in xs], [r["exported_ms"] for r in rows], 0.4, label=meta["runtime"])
     ax.set_xticks(list(xs), sizes)
     ax.set_xlabel("resolution (px)")
     ax.set_ylabel(f"ms per batch of {meta['batch']}")
@@ -185,21 +203,23 @@ def write_benchmark(path: Path, meta: dict, rows: list) -> None:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.benchmark and args.format != "onnx":
-        fail("--benchmark times onnxruntime: use it with --format onnx")
+    if args.benchmark and args.format not in RUNTIME:
+        fail("--benchmark times onnxruntime or TorchScript against eager: use it with --format onnx or torchscript")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args)
     example = check_size(model, args.img_size, args.batch_size)
     for size in args.sizes or []:
         check_size(model, size, args.batch_size)
-    out = Path(args.out or f"{args.model}_{args.img_size}.{args.format}")
+    out = Path(args.out or f"{args.model}_{args.img_size}.{SUFFIX[args.format]}")
     try:
         print(f"exporting {args.model} ({args.format}, {args.img_size}x{args.img_size}, batch {args.batch_size}"
               f"{', dynamic' if args.dynamic else ''}) ...", flush=True)
         t0 = time.perf_counter()
         if args.format == "onnx":
             path, dims = deploy.export_onnx(model, example, out, dynamic=args.dynamic, opset=args.opset)
+        elif args.format == "torchscript":
+            path, dims = deploy.save_script(deploy.script_model(model), out), ("batch", "height", "width")
         else:
             program, dims = deploy.export_program(model, example, dynamic=args.dynamic)
             path = deploy.save_program(program, out)
@@ -215,14 +235,17 @@ def main(argv=None) -> dict:
     result = dict(path=str(path), dynamic=list(dims), max_abs_error=error)
     if args.benchmark:
         rows = benchmark(args, model, path, dims)
+        runtime = RUNTIME[args.format]
         meta = dict(model=args.model, batch=args.batch_size, threads=torch.get_num_threads(), rounds=args.rounds,
-                    iters=args.iters, torch=torch.__version__, onnxruntime=_ort_version())
+                    iters=args.iters, warmup=args.warmup, runtime=runtime, torch=torch.__version__)
+        if args.format == "onnx":
+            meta["onnxruntime"] = _ort_version()
         write_benchmark(path, meta, rows)
-        print("| size | eager ms | onnxruntime ms | eager / onnxruntime | max abs error |")
+        print(f"| size | eager ms | {runtime} ms | eager / {runtime} | max abs error |")
         print("|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['size']} | {r['eager_ms']:.1f} | {r['onnxruntime_ms']:.1f} | "
-                  f"{r['eager_over_onnxruntime']:.2f} | {r['max_abs_error']:.1e} |")
+            print(f"| {r['size']} | {r['eager_ms']:.1f} | {r['exported_ms']:.1f} | "
+                  f"{r['eager_over_exported']:.2f} | {r['max_abs_error']:.1e} |")
         result["benchmark"] = rows
     return result
 

@@ -6,6 +6,10 @@ the eager model. ``tools/export.py`` is the command line on top of these functio
 * ``export_onnx`` runs ``torch.onnx.export(..., dynamo=True)``. Inside the ONNX exporter every
   visionlin operator takes its PyTorch path (see ``visionlin.kernels``), so the file holds standard
   ONNX ops only and runs in onnxruntime.
+* ``script_model`` / ``save_script``: ``torch.jit.script`` (timm's scriptable layers). Scripted operators
+  run their PyTorch paths (``torch.jit.is_scripting()`` selects them statically), so a saved script holds
+  aten ops only and loads with plain ``torch.jit.load`` (or libtorch) without visionlin; its graph keeps the
+  control flow, so batch and H/W stay free.
 
 Which dims can be dynamic depends on the path traced. The PyTorch paths of the scans (GLA, selective
 scan) pass chunk states in a loop whose length is tokens / chunk, which a graph fixes; the compiled
@@ -15,18 +19,17 @@ both everywhere, and every ONNX file but RAVLT's has a fixed H/W (export one per
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ._io import atomic_file
 from .kernels._dispatch import requested_backend
 
-__all__ = ["stride_of", "export_program", "write_atomic", "save_program", "load_program", "export_onnx", "onnx_session",
-           "run_onnx", "max_abs_error"]
+__all__ = ["stride_of", "export_program", "atomic_file", "write_atomic", "save_program", "load_program", "export_onnx",
+           "onnx_session", "run_onnx", "script_model", "save_script", "load_script", "max_abs_error"]
 
 MAX_BATCH = 1024
 MAX_BLOCKS = 256  # dynamic H/W up to 256 strides (8192 px at stride 32)
@@ -68,42 +71,18 @@ def export_program(model: nn.Module, example: torch.Tensor, dynamic: bool = True
         return torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(model, False)), ("batch",)
 
 
-def _atomic_target(path: Union[str, Path]) -> Tuple[Path, Path]:
-    """(final path, temporary sibling) for an atomic write; the parent must exist and be writable."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output folder {str(parent)!r} is not writable")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600: give the file the usual permissions
-    return path, Path(tmp)
-
-
 def write_atomic(path: Union[str, Path], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_program(program: torch.export.ExportedProgram, path: Union[str, Path]) -> Path:
     """``torch.export.save`` written atomically (nothing half-written is left under ``path``)."""
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_file(path) as tmp:
         torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def load_program(path: Union[str, Path]) -> torch.export.ExportedProgram:
@@ -122,9 +101,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, Path],
         raise ValueError(f"backend {forced!r} is forced (use_backend / VISIONLIN_KERNEL_BACKEND), but its operators "
                          "cannot be exported to ONNX: the export decomposes the PyTorch paths ('auto' or 'torch')")
     model.eval()
-    path, tmp = _atomic_target(path)
     names: Tuple[str, ...] = ()
-    try:
+    with atomic_file(path) as tmp:
         kwargs = dict(dynamo=True, opset_version=opset, input_names=["image"], output_names=["output"],
                       verbose=False)
         program = None
@@ -132,10 +110,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Union[str, Path],
             program, names = export_program(model, example, dynamic=True)
         onnx_program = torch.onnx.export(program if program is not None else model, (example,), **kwargs)
         onnx_program.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path, names
+    return Path(path), names
 
 
 def onnx_session(path: Union[str, Path], threads: Optional[int] = None):
@@ -154,6 +129,26 @@ def run_onnx(session, x: torch.Tensor) -> torch.Tensor:
     """One run of the session's single input on x (float32)."""
     name = session.get_inputs()[0].name
     return torch.from_numpy(session.run(None, {name: x.detach().float().cpu().numpy()})[0])
+
+
+def script_model(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` of an eval-mode model (build it under ``timm.layers.set_scriptable(True)`` as timm
+    does for scripting); its operators run their PyTorch paths."""
+    return torch.jit.script(model.eval())
+
+
+def save_script(scripted: torch.jit.ScriptModule, path: Union[str, Path]) -> Path:
+    """``torch.jit.save`` written atomically."""
+    with atomic_file(path) as tmp:
+        torch.jit.save(scripted, str(tmp))
+    return Path(path)
+
+
+def load_script(path: Union[str, Path]) -> torch.jit.ScriptModule:
+    """A saved script (no visionlin needed to run it)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no TorchScript file at {str(path)!r}")
+    return torch.jit.load(str(path))
 
 
 def max_abs_error(out, ref) -> float:

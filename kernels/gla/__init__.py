@@ -32,6 +32,11 @@ def _triton_supports(q, v, g_fwd, g_bwd) -> bool:
             and all(t.dtype in TRITON_DTYPES for t in (q, g_fwd, g_bwd)))
 
 
+def _triton_impl():
+    from .chunk_triton import triton_bidirectional_gla  # imported on first use: Triton is optional
+    return triton_bidirectional_gla
+
+
 def _validate(q, k, v, g_fwd, g_bwd) -> None:
     for name, t in (("q", q), ("k", k), ("g_fwd", g_fwd), ("g_bwd", g_bwd)):
         check_tensor(name, t, 4, "(B, N, H, K)")
@@ -64,12 +69,13 @@ def bidirectional_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_fwd: 
     Returns:
         o: (B, N, H, V) in q's dtype.
     """
+    if torch.jit.is_scripting():  # TorchScript runs the PyTorch path (compiled statically: nothing below is)
+        return chunk_bidirectional_gla(q, k, v, g_fwd, g_bwd, q.shape[-1] ** -0.5 if scale is None else scale)
     _validate(q, k, v, g_fwd, g_bwd)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.numel() == 0:  # an empty batch or no heads
         return v.new_zeros(v.shape)
     path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL, _triton_supports(q, v, g_fwd, g_bwd))
     if path == "triton":
-        from .chunk_triton import triton_bidirectional_gla
-        return triton_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale)
+        return _triton_impl()(q, k, v, g_fwd, g_bwd, scale)
     return chunk_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale)

@@ -29,12 +29,21 @@ GATE_FLOOR = 30.0
 DIAG_FLOAT32_RANGE = 40.0
 
 
-def _causal_chunk_gla(q, k, v, g):
-    """Causal GLA o_t = q_t h_t on (G, N, K) / (G, N, V) inputs, N a multiple of CHUNK."""
+def _diag_float64(q, k, P):
+    """The diagonal sub-blocks' q_i exp(P_i) . k_j exp(-P_j) in float64 (unmasked)."""
+    P64 = P.double()
+    return (q.double() * P64.exp()) @ (k.double() * (-P64).exp()).transpose(-1, -2)
+
+
+def _causal_chunk_gla(q, k, v, g, SUB: int = SUB, DIAG_FLOAT32_RANGE: float = DIAG_FLOAT32_RANGE):
+    """Causal GLA o_t = q_t h_t on (G, N, K) / (G, N, V) inputs, N a multiple of CHUNK. (The module's
+    constants come in as defaults: TorchScript reads no globals.)"""
+    CHUNK = 2 * SUB
     G, N, K = q.shape
     V = v.shape[-1]
     nc = N // CHUNK
-    q, k, v, g = (t.reshape(G, nc, 2, SUB, t.shape[-1]) for t in (q, k, v, g))
+    q, k, g = q.reshape(G, nc, 2, SUB, K), k.reshape(G, nc, 2, SUB, K), g.reshape(G, nc, 2, SUB, K)
+    v = v.reshape(G, nc, 2, SUB, V)
 
     P = g.cumsum(dim=3)                                     # (G, nc, 2, SUB, K), <= 0
     del g  # large temporaries are dropped as soon as they are used: at 1024^2 this halves the peak
@@ -49,9 +58,7 @@ def _causal_chunk_gla(q, k, v, g):
     if q.dtype == torch.float64 or (not tracing() and bool(P.amin() >= -DIAG_FLOAT32_RANGE)):
         a_diag = q_dec @ (k * (-P).exp()).transpose(-1, -2)
     else:
-        P64 = P.double()
-        a_diag = (q.double() * P64.exp()) @ (k.double() * (-P64).exp()).transpose(-1, -2)
-        del P64
+        a_diag = _diag_float64(q, k, P)
     del q, k, P
     a_diag = torch.where(causal, a_diag, 0.0).to(q_dec.dtype)   # (G, nc, 2, SUB, SUB)
     out = a_diag @ v                                        # (G, nc, 2, SUB, V)
@@ -70,35 +77,35 @@ def _causal_chunk_gla(q, k, v, g):
     q_in = (q_dec * torch.cat((ones, exp_T[:, :, :1]), dim=2)).reshape(G * nc, CHUNK, K)
     del q_dec
     decay = (exp_T[:, :, 0] * exp_T[:, :, 1]).transpose(-1, -2)     # (G, nc, K, 1)
-    states = [updates.new_zeros(G, K, V)]
+    entry = [updates.new_zeros(G, K, V)]
     for c in range(nc - 1):
-        states.append(torch.addcmul(updates[:, c], states[-1], decay[:, c]))
+        entry.append(torch.addcmul(updates[:, c], entry[-1], decay[:, c]))
     del updates
-    states = torch.stack(states, dim=1).reshape(G * nc, K, V)
+    states = torch.stack(entry, dim=1).reshape(G * nc, K, V)
     out = torch.baddbmm(out.reshape(G * nc, CHUNK, V), q_in, states)
     return out.reshape(G, N, V)
 
 
-def chunk_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale: float):
+def _stacked(x_f, x_b, n_pad: int):
+    """Forward sequence and flipped backward sequence, (B, N, H, D) each, as one (2*B*H, N + n_pad, D) batch."""
+    B, N, H, D = x_f.shape
+    x = torch.stack((x_f.transpose(1, 2), x_b.transpose(1, 2).flip(2)))
+    if n_pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, n_pad))
+    return x.reshape(2 * B * H, N + n_pad, D)
+
+
+def chunk_bidirectional_gla(q, k, v, g_fwd, g_bwd, scale: float, CHUNK: int = CHUNK, GATE_FLOOR: float = GATE_FLOOR):
     """Inputs (B, N, H, K|V), already validated; returns o (B, N, H, V) in q's dtype."""
     B, N, H, _ = q.shape
     V = v.shape[-1]
     out_dtype = q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_pad = -N % CHUNK
-
-    def stacked(x_f, x_b):
-        """Forward sequence and flipped backward sequence as one (2*B*H, N_pad, D) batch."""
-        x_f, x_b = (x.transpose(1, 2) for x in (x_f, x_b))
-        x = torch.stack((x_f, x_b.flip(2)))
-        if n_pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, n_pad))
-        return x.reshape(2 * B * H, N + n_pad, x.shape[-1])
-
-    q, k, v, g_fwd, g_bwd = (t.to(compute) for t in (q, k, v, g_fwd, g_bwd))
+    q, k, v, g_fwd, g_bwd = q.to(compute), k.to(compute), v.to(compute), g_fwd.to(compute), g_bwd.to(compute)
     qs = q * scale  # after the cast: no extra rounding of half-precision queries
-    o = _causal_chunk_gla(stacked(qs, qs), stacked(k, k), stacked(v, v),
-                          stacked(g_fwd, g_bwd).clamp(min=-GATE_FLOOR))
+    o = _causal_chunk_gla(_stacked(qs, qs, n_pad), _stacked(k, k, n_pad), _stacked(v, v, n_pad),
+                          _stacked(g_fwd, g_bwd, n_pad).clamp(min=-GATE_FLOOR))
     o = o[:, :N].reshape(2, B, H, N, V)
     o = (o[0] + o[1].flip(2)) * 0.5
     return o.transpose(1, 2).to(out_dtype)

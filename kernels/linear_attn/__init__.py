@@ -34,6 +34,11 @@ def _triton_supports(q, v) -> bool:
     return q.shape[-1] <= TRITON_MAX_HEAD_DIM and v.shape[-1] <= TRITON_MAX_HEAD_DIM and q.dtype in TRITON_DTYPES
 
 
+def _triton_impl():
+    from .associative_triton import triton_linear_attention  # imported on first use: Triton is optional
+    return triton_linear_attention
+
+
 def _validate(q, k, v, q_num, k_num, key_weight, eps) -> None:
     check_tensor("q", q, 4, "(B, Nq, H, K)")
     check_tensor("k", k, 4, "(B, N, H, K)")
@@ -85,11 +90,12 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_num: O
     Returns:
         o: (B, Nq, H, V) in q's dtype.
     """
+    if torch.jit.is_scripting():  # TorchScript runs the PyTorch path (compiled statically: nothing below is)
+        return associative_linear_attention(q, k, v, q_num, k_num, key_weight, eps)
     _validate(q, k, v, q_num, k_num, key_weight, eps)
     if q.numel() == 0:  # an empty batch, no heads or no queries
         return v.new_zeros((*q.shape[:3], v.shape[-1]))
     path = resolve_backend(_OP, backend, q.device, _HAS_TRITON_IMPL, _triton_supports(q, v))
     if path == "triton":
-        from .associative_triton import triton_linear_attention
-        return triton_linear_attention(q, k, v, q_num, k_num, key_weight, float(eps))
+        return _triton_impl()(q, k, v, q_num, k_num, key_weight, float(eps))
     return associative_linear_attention(q, k, v, q_num, k_num, key_weight, float(eps))

@@ -25,13 +25,14 @@ PyTorch path (``conv.py``) and a compiled CPU path (``scan_cpu.py``).
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .._checks import check_same_device, check_shape, check_tensor
 from .._dispatch import requested_backend, resolve_backend
-from .chunk import chunk_cross_selective_scan, chunk_selective_scan, project_delta
+from .chunk import _chunk_scan, chunk_cross_selective_scan, chunk_selective_scan, project_delta
 from .conv import torch_bidirectional_conv1d_silu
 from .naive import naive_cross_selective_scan, naive_selective_scan
 from .scan_cpu import (cpu_bidirectional_conv1d_silu, cpu_cross_selective_scan, cpu_kernel_available,
@@ -48,6 +49,11 @@ _HAS_TRITON_IMPL = importlib.util.find_spec(__name__ + ".scan_triton") is not No
 # what the fused kernel takes (scan_triton raises a clear error for anything else)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_MAX_STATE = 256
+
+
+def _triton_impl(name: str):
+    from . import scan_triton  # imported on first use: Triton is optional
+    return getattr(scan_triton, name)
 
 
 def _triton_supports(u, delta, A, B, C, *optional) -> bool:
@@ -110,7 +116,8 @@ def _validate_scan(u, delta, A, B, C, D, z, delta_bias) -> None:
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, backend: Optional[str] = None):
+                   return_last_state: bool = False, backend: Optional[str] = None
+                   ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Selective scan with mamba_ssm's ``selective_scan_ref`` semantics.
 
     Args:
@@ -127,6 +134,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         return_last_state, (out, last_state) with last_state in the compute dtype.
     Numerics: the per-token log-decay delta*A is clamped to [-30, 30] (see ``chunk.py``).
     """
+    if torch.jit.is_scripting():  # TorchScript runs the PyTorch path (compiled statically: nothing below is)
+        out, last = _chunk_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, None)
+        if last is not None:
+            return out, last
+        return out
     _validate_scan(u, delta, A, B, C, D, z, delta_bias)
     path = resolve_backend("selective_scan", backend, u.device, _HAS_TRITON_IMPL,
                            _triton_supports(u, delta, A, B, C, D, z, delta_bias), cpu_kernel_available,
@@ -136,8 +148,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         cd = torch.float64 if u.dtype == torch.float64 else torch.float32
         return (out, u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=cd)) if return_last_state else out
     if path == "triton":
-        from .scan_triton import triton_selective_scan
-        return triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return _triton_impl("triton_selective_scan")(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if path == "cpu":
         return cpu_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     return chunk_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -221,6 +232,9 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         token order (including D*u per route), each output placed back at its token's grid position.
         The compiled CPU and Triton paths return it channels-last (a (b, H, W, d) buffer, permuted).
     """
+    if torch.jit.is_scripting():  # TorchScript runs the PyTorch path (compiled statically: nothing below is)
+        return chunk_cross_selective_scan(u, project_delta(delta, delta_proj_weight), A, B, C, D, delta_bias,
+                                          delta_softplus, routes, z)
     _validate_cross(u, delta, A, B, C, D, delta_bias, z, routes, delta_proj_weight)
     path = resolve_backend("cross_selective_scan", backend, u.device, _HAS_TRITON_IMPL,
                            _triton_supports(u, delta, A, B, C, D, delta_bias, z, delta_proj_weight),
@@ -231,8 +245,7 @@ def cross_selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, 
         return cpu_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z, delta_proj_weight)
     delta = project_delta(delta, delta_proj_weight)
     if path == "triton":
-        from .scan_triton import triton_cross_selective_scan
-        return triton_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
+        return _triton_impl("triton_cross_selective_scan")(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
     return chunk_cross_selective_scan(u, delta, A, B, C, D, delta_bias, delta_softplus, routes, z)
 
 
@@ -261,7 +274,8 @@ def _validate_conv(x, weight, bias, proj_weight) -> None:
 
 
 def bidirectional_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                              proj_weight: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+                              proj_weight: Optional[torch.Tensor] = None, backend: Optional[str] = None
+                              ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Bidirectional Mamba's two depthwise convolutions + SiLU, both in the original token order, and
     optionally each route's bias-free projection of its output (Vim's x_proj).
 
@@ -281,6 +295,8 @@ def bidirectional_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: Optio
         outside the sequence). With proj_weight a tuple of it and the (b, l, 2, N) projections
         proj[:, t, r] = proj_weight[r] @ y_r[t], in x's dtype, contiguous.
     """
+    if torch.jit.is_scripting():  # TorchScript runs the PyTorch path (compiled statically: nothing below is)
+        return torch_bidirectional_conv1d_silu(x, weight, bias, proj_weight)
     _validate_conv(x, weight, bias, proj_weight)
     wanted = requested_backend(backend)
     path = resolve_backend("bidirectional_conv1d_silu", "auto" if wanted == "triton" else wanted, x.device, False,

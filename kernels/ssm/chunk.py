@@ -25,8 +25,11 @@ float64 exponentials: one graph, exact for every input, with no branch on a tens
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .._dispatch import tracing
 from .naive import route_backward, route_forward
@@ -36,7 +39,7 @@ GATE_CLAMP = 30.0
 FLOAT32_RANGE = 60.0
 
 
-def _grouped(M, G):
+def _grouped(M, G: int):
     """B or C, (b, n, l) or (b, g, n, l), as a (b, G, 1 or d/G, n, l) view broadcasting over channels."""
     if M.ndim == 3:
         M = M.unsqueeze(1)
@@ -54,12 +57,26 @@ def _range(L, delta, A) -> float:
         return float(L.abs().amax())
 
 
-def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                         return_last_state=False, out_dtype=None):
+def chunk_selective_scan(u, delta, A, B, C, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                         delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                         return_last_state: bool = False, out_dtype: Optional[torch.dtype] = None):
     """Inputs already validated (shapes as in ``selective_scan``); returns out (b, d, l) in u's dtype
     (or ``out_dtype``), and the last state (b, d, n) in the compute dtype if asked."""
+    y, last = _chunk_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, out_dtype)
+    if return_last_state:
+        return y, last
+    return y
+
+
+def _chunk_scan(u, delta, A, B, C, D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                delta_softplus: bool, return_last_state: bool, out_dtype: Optional[torch.dtype],
+                CHUNK: int = CHUNK, GATE_CLAMP: float = GATE_CLAMP,
+                FLOAT32_RANGE: float = FLOAT32_RANGE) -> Tuple[Tensor, Optional[Tensor]]:
+    """``chunk_selective_scan`` with one return type: (out, the last state or None). (The module's constants come
+    in as defaults: TorchScript reads no globals.)"""
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
-    out_dtype = u.dtype if out_dtype is None else out_dtype
+    if out_dtype is None:
+        out_dtype = u.dtype
     b, d, l = u.shape
     n = A.shape[1]
     gB = 1 if B.ndim == 3 else B.shape[1]
@@ -84,7 +101,9 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
     # per-token log-decays; a bound from the small tensors decides clamping and precision (traced: static)
     traced = tracing()
-    bound = 2 * GATE_CLAMP if traced else float(delta.detach().abs().amax()) * float(A.detach().abs().amax())
+    bound = 2 * GATE_CLAMP
+    if not traced:
+        bound = float(delta.detach().abs().amax()) * float(A.detach().abs().amax())
     dA = delta_p.view(b, G, dg, 1, lp) * A.view(G, dg, n, 1)            # (b, G, dg, n, lp)
     if bound > GATE_CLAMP:
         dA = dA.clamp(-GATE_CLAMP, GATE_CLAMP)
@@ -103,7 +122,9 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     states = [ends.new_zeros(b, G, dg, n)]
     for c in range(nc - 1 + int(return_last_state)):
         states.append(dec[..., c] * (states[-1] + ends[..., c]))
-    last = states.pop() if return_last_state else None
+    last: Optional[Tensor] = None
+    if return_last_state:
+        last = states.pop().to(cd).reshape(b, d, n)
     x0 = torch.stack(states, dim=-1).unsqueeze(-1)                      # (b, G, dg, n, nc, 1)
     x = (exp_L * (cs + x0)).view(b, G, dg, n, lp)[..., :l]
     del cs, exp_L, x0
@@ -112,13 +133,10 @@ def chunk_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
         y = torch.addcmul(y, u_c, D.to(cd)[:, None])
     if z is not None:
         y = y * F.silu(z.to(cd))
-    y = y.to(out_dtype)
-    if return_last_state:
-        return y, last.to(cd).reshape(b, d, n)
-    return y
+    return y.to(out_dtype), last
 
 
-def project_delta(delta, delta_proj_weight=None):
+def project_delta(delta, delta_proj_weight: Optional[Tensor] = None):
     """The full per-route delta (b, R, d, H, W) from a low-rank input (b, R, rank, H, W) and the routes'
     delta projections (R, d, rank) (Mamba's dt_proj without its bias); delta itself without a projection."""
     if delta_proj_weight is None:
@@ -126,14 +144,15 @@ def project_delta(delta, delta_proj_weight=None):
     return torch.einsum("rdk,brkhw->brdhw", delta_proj_weight.to(delta.dtype), delta)
 
 
-def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, routes=4, z=None):
+def chunk_cross_selective_scan(u, delta, A, B, C, D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                               delta_softplus: bool = True, routes: int = 4, z: Optional[Tensor] = None):
     """Inputs already validated (shapes as in ``cross_selective_scan``); returns (b, d, H, W) in u's dtype.
 
     All routes run as one grouped selective scan over R*d channels (group r = route r), on copies of
     the inputs gathered into each route's order; the outputs are scattered back, summed and gated by
     silu(z) (the gate is per grid position, so gating the sum equals gating every route).
     """
-    b, (d, H, W) = u.shape[0], u.shape[-3:]
+    b, d, H, W = u.shape[0], u.shape[-3], u.shape[-2], u.shape[-1]
     cd = torch.float64 if u.dtype == torch.float64 else torch.float32
     R, n, Lt = routes, A.shape[-1], H * W
     grid = torch.arange(Lt, device=u.device).view(H, W)                          # raster index of each token
@@ -143,10 +162,9 @@ def chunk_cross_selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta
     delta_r = delta.reshape(b, R, d, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, d, Lt))
     B_r = B.reshape(b, R, n, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, n, Lt))
     C_r = C.reshape(b, R, n, Lt).gather(3, order.view(1, R, 1, Lt).expand(b, R, n, Lt))
-    y = chunk_selective_scan(u_r.reshape(b, R * d, Lt), delta_r.reshape(b, R * d, Lt), A.reshape(R * d, n),
-                             B_r, C_r, None if D is None else D.reshape(R * d), None,
-                             None if delta_bias is None else delta_bias.reshape(R * d), delta_softplus,
-                             out_dtype=cd)
+    y = _chunk_scan(u_r.reshape(b, R * d, Lt), delta_r.reshape(b, R * d, Lt), A.reshape(R * d, n),
+                    B_r, C_r, None if D is None else D.reshape(R * d), None,
+                    None if delta_bias is None else delta_bias.reshape(R * d), delta_softplus, False, cd)[0]
     y = y.view(b, R, d, Lt)
     # un-route: y_spatial[..., order[r, t]] = y[..., r, t], i.e. a gather by each route's inverse order,
     # summed over routes (an index_add with the routes' repeated indices is not exact in onnxruntime)

@@ -13,11 +13,15 @@ matmul over the routes.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple, Union
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
-def torch_bidirectional_conv1d_silu(x, weight, bias=None, proj_weight=None):
+def torch_bidirectional_conv1d_silu(x, weight, bias: Optional[Tensor] = None, proj_weight: Optional[Tensor] = None
+                                    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Inputs validated by ``bidirectional_conv1d_silu``: x (b, l, d), weight (2, d, K), bias (2, d),
     proj_weight (2, N, d).
 

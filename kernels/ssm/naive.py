@@ -46,21 +46,21 @@ def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (out, x) if return_last_state else out
 
 
-def route_kind(r, routes=4):
+def route_kind(r: int, routes: int = 4) -> int:
     """Scan order of route r of ``routes``: 0 raster, 1 column-major, 2 and 3 their reverses.
 
     With 4 routes route r has order r; with 2 (Vim) the routes are raster and reversed raster; with 1 raster."""
     return r * (4 // routes)
 
 
-def route_forward(x, r, routes=4):
+def route_forward(x, r: int, routes: int = 4):
     """(..., H, W) -> (..., H*W) in the scan order of route r of ``routes`` (see ``route_kind``)."""
     k = route_kind(r, routes)
     seq = x.flatten(-2) if k % 2 == 0 else x.transpose(-1, -2).flatten(-2)
     return seq.flip(-1) if k >= 2 else seq
 
 
-def route_backward(seq, r, H, W, routes=4):
+def route_backward(seq, r: int, H: int, W: int, routes: int = 4):
     """The inverse of ``route_forward``: (..., H*W) in route r's order -> (..., H, W)."""
     k = route_kind(r, routes)
     if k >= 2:

@@ -46,7 +46,9 @@ def interpreter_enabled() -> bool:
 def tracing() -> bool:
     """True while torch.compile, torch.export or the ONNX exporter trace the call. The PyTorch paths then take
     their static branch (the one exact for every input) instead of choosing by a tensor's values, so that one
-    traced graph holds for all inputs."""
+    traced graph holds for all inputs. TorchScript (control flow in the graph) keeps the value-based choice."""
+    if torch.jit.is_scripting():
+        return False
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 

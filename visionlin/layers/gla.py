@@ -1,6 +1,4 @@
 """ViG's mixer: bidirectional gated linear attention with 2D gating locality injection."""
-from __future__ import annotations
-
 import torch
 from timm.layers import RmsNorm, register_notrace_module
 from torch import nn

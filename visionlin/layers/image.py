@@ -1,19 +1,22 @@
 """Input checks and position-embedding helpers shared by the families (FX leaves: shape logic)."""
-from __future__ import annotations
-
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from timm.layers import register_notrace_function, resample_abs_pos_embed
+
+
+def shape_str(shape: List[int]) -> str:
+    """A shape as Python prints a tuple, "(2, 3)" (also in TorchScript, which has no tuple(x.shape))."""
+    return "(" + ", ".join([str(s) for s in shape]) + (",)" if len(shape) == 1 else ")")
 
 
 @register_notrace_function
 def check_image(x: torch.Tensor, in_chans: int, divisor: int) -> None:
     """Raise a ValueError unless x is (B, in_chans, H, W) with H and W multiples of ``divisor``."""
     if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+        raise ValueError(f"expected an image batch of shape (B, {in_chans}, H, W), got {shape_str(x.shape)}")
     if x.shape[-2] % divisor or x.shape[-1] % divisor:
-        raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by {divisor}; "
+        raise ValueError(f"image size {shape_str(x.shape[-2:])} is not divisible by {divisor}; "
                          f"this model needs H and W that are multiples of {divisor}")
 
 

@@ -9,8 +9,6 @@ per head, then ``to_out``. phi is a small residual feature MLP ``Linear(d, m) ->
 overflow-safe form of LinFusion's sqrt(N) split). Used by the diffusers processors of
 ``visionlin.diffusion`` and by LinDiT.
 """
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

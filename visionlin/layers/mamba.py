@@ -14,8 +14,6 @@ one two-route ``cross_selective_scan`` on a 1 x L grid (route 0 raster = forward
 backward, each with its own u and parameters, gated by silu(z)) returns y_fwd + flip(y_bwd) directly;
 each direction's dt_proj is handed to the scan (``delta_proj_weight``), which forms delta per token.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -66,24 +64,34 @@ class BiMambaMixer(nn.Module):
                 d.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
                 d.D.fill_(1.0)
 
-    def _routes(self, name: str) -> torch.Tensor:
-        """The two directions' parameter ``name`` stacked on a route axis: (2, ...)."""
-        return torch.stack([self.fwd.get_parameter(name), self.bwd.get_parameter(name)])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, L, dim) -> (B, L, dim). Per-route tensors are token-major buffers handed to the scan as
         transposed views, which its compiled CPU and Triton paths read in place."""
+        f, b = self.fwd, self.bwd  # each direction's parameters, stacked on a route axis: (2, ...)
         x_in, z = self.in_proj(x).chunk(2, dim=-1)              # (B, L, d_inner) views
+        f_bias, b_bias = f.conv1d.bias, b.conv1d.bias
+        assert f_bias is not None and b_bias is not None  # the convs have biases (a refinement for TorchScript)
         # both directions' conv + SiLU, u (B, L, 2, d_inner), and their x_proj, x_dbl (B, L, 2, .), in one op
-        u, x_dbl = bidirectional_conv1d_silu(x_in, self._routes("conv1d.weight").squeeze(2),
-                                             self._routes("conv1d.bias"), self._routes("x_proj.weight"))
+        conv = bidirectional_conv1d_silu(x_in, torch.stack((f.conv1d.weight, b.conv1d.weight)).squeeze(2),
+                                         torch.stack((f_bias, b_bias)), torch.stack((f.x_proj.weight, b.x_proj.weight)))
+        assert isinstance(conv, tuple)  # (u, x_dbl) when given a projection (a refinement for TorchScript)
+        u, x_dbl = conv
         dt, B, C = x_dbl.split((self.dt_rank, self.d_state, self.d_state), dim=-1)   # (B, L, 2, .)
-        grid = lambda t: t.movedim(-2, -1).unsqueeze(-2)  # noqa: E731  (..., L, c) -> (..., c, 1, L) view
-        route_major = lambda t: t.movedim(2, 1)  # noqa: E731  (B, L, 2, c) -> (B, 2, L, c) view
         # delta = dt_proj(dt) per direction, formed by the scan (inside it on the compiled CPU path)
-        y = cross_selective_scan(grid(route_major(u)), grid(route_major(dt)), -torch.exp(self._routes("A_log").float()),
-                                 grid(route_major(B)), grid(route_major(C)), self._routes("D").float(),
-                                 self._routes("dt_proj.bias").float(), delta_softplus=True, routes=2, z=grid(z),
-                                 delta_proj_weight=self._routes("dt_proj.weight"))  # y_fwd + flip(y_bwd): (B, d, 1, L)
-        # the mean of the two directions: the / 2 folded into the (small) output weight
+        y = cross_selective_scan(_route_grid(u), _route_grid(dt), -torch.exp(torch.stack((f.A_log, b.A_log)).float()),
+                                 _route_grid(B), _route_grid(C), torch.stack((f.D, b.D)).float(),
+                                 torch.stack((f.dt_proj.bias, b.dt_proj.bias)).float(), delta_softplus=True, routes=2,
+                                 z=_grid(z), delta_proj_weight=torch.stack((f.dt_proj.weight, b.dt_proj.weight)))
+        # y = y_fwd + flip(y_bwd): (B, d, 1, L); the mean of the two directions: the / 2 folded into the (small)
+        # output weight
         return F.linear(y.flatten(2).transpose(1, 2), self.out_proj.weight * 0.5, self.out_proj.bias)
+
+
+def _grid(t: torch.Tensor) -> torch.Tensor:
+    """(..., L, c) -> a (..., c, 1, L) view: a token sequence as a 1 x L grid."""
+    return t.movedim(-2, -1).unsqueeze(-2)
+
+
+def _route_grid(t: torch.Tensor) -> torch.Tensor:
+    """Per-route tokens (B, L, 2, c) -> a (B, 2, c, 1, L) view."""
+    return _grid(t.movedim(2, 1))

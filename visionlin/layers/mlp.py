@@ -1,6 +1,4 @@
 """MLP sizing shared by the families (the layer itself is timm's ``GluMlp``)."""
-from __future__ import annotations
-
 import math
 
 from timm.layers import GluMlp

@@ -5,8 +5,6 @@ Both run channels-first (B, C, H, W) with the same parameters: ``qkvo`` (1x1 con
 2-D RoPE (first half of a head's channels: row index, second half: column index) is recomputed for
 any H x W, so both mixers are resolution-free.
 """
-from __future__ import annotations
-
 from typing import Tuple
 
 import torch

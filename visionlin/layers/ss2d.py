@@ -6,8 +6,6 @@ y = sum over routes of the selective scan of x in route k's order, placed back o
 (``visionlin.kernels.cross_selective_scan``, which reads each route by index, no copies on the
 fused path); out = out_proj(LayerNorm2d(y)).
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -27,6 +25,7 @@ class Linear2d(nn.Linear):
 
 @register_notrace_module  # FX leaf: shapes drive the kernel call
 class SS2D(nn.Module):
+    __constants__ = ['routes']
     routes = 4
 
     def __init__(self, dim: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3,

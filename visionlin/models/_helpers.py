@@ -1,7 +1,5 @@
 """Pieces every family file shares: the classifier-pool check, official-checkpoint unwrapping, renames
 and model creation through timm's builder (pretrained weights from local files only)."""
-from __future__ import annotations
-
 import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -87,7 +85,7 @@ class StagedBackbone:
 class PooledLinearHead:
     """timm's classifier interface for models whose head is an average pool over ``_pool_dims`` then a
     Linear (needs ``num_features``, ``global_pool``, ``head_drop`` and ``head``)."""
-    _pool_dims: Tuple[int, ...]
+    __constants__ = ['_pool_dims']  # a class attribute of each model: a constant to TorchScript
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

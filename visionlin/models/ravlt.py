@@ -12,8 +12,6 @@ Inputs must have H and W divisible by 32; 2-D RoPE is recomputed for every H x W
 ``ravlt_s_linear`` (RALA in all four stages) is not an official configuration: a pure-linear
 baseline with ravlt_s's sizes, asked for by users; no weights exist for it.
 """
-from __future__ import annotations
-
 import re
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -187,7 +185,7 @@ class RAVLT(StagedBackbone, nn.Module):
         self.head.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
+        check_image(x, self.in_chans, 1 << (len(self.stages) + 1))
         return self.stem(x)
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,

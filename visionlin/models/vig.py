@@ -11,8 +11,6 @@ Both families run channels-last (B, H, W, C) inside; the mixer is
   embedding (resampled for any input size divisible by 16), 12 blocks, RMSNorm, average pool.
 * ``ViGH``: hierarchical, four stages at strides 4/8/16/32 with LayerNorm.
 """
-from __future__ import annotations
-
 import re
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -266,7 +264,7 @@ class ViGH(PooledLinearHead, StagedBackbone, nn.Module):
         self.apply(_init_linear)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
+        check_image(x, self.in_chans, 1 << (len(self.stages) + 1))
         return self.stem(x).permute(0, 2, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

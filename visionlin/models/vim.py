@@ -11,8 +11,6 @@ final RMSNorm of residual + h, the class token -> Linear. The mixer is
 ``visionlin.layers.BiMambaMixer``: both directions' convs by ``bidirectional_conv1d_silu`` and one two-route
 ``cross_selective_scan`` (``visionlin.kernels``), with no flipped copies.
 """
-from __future__ import annotations
-
 import math
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -52,13 +50,13 @@ def insert_middle_token(patches: torch.Tensor, token: torch.Tensor) -> torch.Ten
 
 
 @register_notrace_function
-def middle_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], trained_grid: Tuple[int, int]) -> torch.Tensor:
-    """A (1, M + 1, D) embedding with the class slot at M // 2, resampled to another patch grid."""
-    if tuple(grid) == tuple(trained_grid):
+def middle_pos_embed(pos_embed: torch.Tensor, grid: List[int], trained_grid: List[int]) -> torch.Tensor:
+    """A (1, M + 1, D) embedding with the class slot at M // 2, resampled to another patch grid [gh, gw]."""
+    if grid[0] == trained_grid[0] and grid[1] == trained_grid[1]:
         return pos_embed
     m = pos_embed.shape[1] // 2
     cls, patches = pos_embed[:, m:m + 1], torch.cat([pos_embed[:, :m], pos_embed[:, m + 1:]], dim=1)
-    patches = resample_abs_pos_embed(patches, list(grid), list(trained_grid), num_prefix_tokens=0, antialias=False)
+    patches = resample_abs_pos_embed(patches, grid, trained_grid, num_prefix_tokens=0, antialias=False)
     return insert_middle_token(patches, cls)
 
 
@@ -156,15 +154,17 @@ class Vim(nn.Module):
         x = self.patch_embed.proj(x)
         grid = x.shape[-2:]
         x = insert_middle_token(x.flatten(2).transpose(1, 2), self.cls_token)
-        return self.pos_drop(x + middle_pos_embed(self.pos_embed, grid, self.grid_size))
+        return self.pos_drop(x + middle_pos_embed(self.pos_embed, grid, [self.grid_size[0], self.grid_size[1]]))
 
-    def _run(self, x: torch.Tensor, layers) -> Tuple[torch.Tensor, torch.Tensor]:
-        h, residual = x, None
-        for blk in layers:
+    def _run(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        residual: Optional[torch.Tensor] = None
+        for blk in self.layers:
             if self.grad_checkpointing and not torch.jit.is_scripting() and residual is not None:
                 h, residual = checkpoint(blk, h, residual, use_reentrant=False)
             else:
                 h, residual = blk(h, residual)
+        assert residual is not None  # a model has at least one block (a refinement for TorchScript)
         return h, residual
 
     def _final(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,8 @@ class Vim(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens (B, M + 1, D), the class token at index M // 2."""
-        return self._final(*self._run(self._embed(x), self.layers))
+        h, residual = self._run(self._embed(x))
+        return self._final(h, residual)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         m = (x.shape[1] - 1) // 2
@@ -251,7 +252,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             side = int(round((v.shape[1] - 1) ** 0.5))
             if side * side != v.shape[1] - 1:
                 raise ValueError(f"pos_embed in the checkpoint has {v.shape[1] - 1} patch slots, not a square grid")
-            v = middle_pos_embed(v, model.grid_size, (side, side))
+            v = middle_pos_embed(v, list(model.grid_size), [side, side])
         out[k] = v
     return out
 

@@ -9,8 +9,6 @@ opening with Conv3x3 s2 + LN2d; blocks x += DropPath(SS2D(LN2d(x))); x += DropPa
 (1x1 Linear2d, GELU, ratio 4); final LN2d, average pool, Linear. SS2D: forward type "v05_noz",
 d_state 1, ssm_ratio 1, on ``visionlin.kernels.cross_selective_scan``.
 """
-from __future__ import annotations
-
 import re
 from typing import Dict, Sequence
 
@@ -129,7 +127,7 @@ class VMamba(PooledLinearHead, StagedBackbone, nn.Module):
         return {'*.A_logs', '*.Ds'}
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        check_image(x, self.in_chans, 2 ** (len(self.stages) + 1))
+        check_image(x, self.in_chans, 1 << (len(self.stages) + 1))
         return self.stem(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -28,29 +27,15 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.registry import HOOKS
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from .._io import atomic_file
+
 
 def _atomic_write(data, filepath, mode: str, encoding: Optional[str] = None) -> None:
-    filepath = os.fspath(filepath)
-    folder = os.path.dirname(os.path.abspath(filepath))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(filepath) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as f:
+    filepath = os.path.abspath(os.fspath(filepath))
+    os.makedirs(os.path.dirname(filepath), exist_ok=True)
+    with atomic_file(filepath) as tmp:
+        with open(tmp, mode, encoding=encoding) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, filepath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @register_backend("local_atomic")
