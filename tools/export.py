@@ -36,6 +36,7 @@ import torch
 
 import visionlin  # noqa: F401  (registers the models and operators)
 from visionlin import deploy
+from visionlin.layers.image import check_image
 
 TOLERANCE = 1e-4  # max |artefact - eager| accepted for fp32 on CPU
 SUFFIX = {"onnx": "onnx", "pt2": "pt2", "torchscript": "pt"}
@@ -99,11 +100,13 @@ def check_size(model, size: int, batch: int) -> torch.Tensor:
     """An example image batch, after checking that the model takes the size (its own error otherwise)."""
     if size <= 0 or batch <= 0:
         fail(f"--img-size and --batch-size must be positive, got {size} and {batch}")
-    stride = deploy.stride_of(model)
-    if size % stride:
-        fail(f"{type(model).__name__} needs H and W that are multiples of {stride}; --img-size {size} is not "
-             f"(nearest: {max(stride, size // stride * stride)} or {(size // stride + 1) * stride})")
-    return torch.randn(batch, model.pretrained_cfg.get("input_size", (3,))[0], size, size)
+    stride, chans = deploy.stride_of(model), model.pretrained_cfg.get("input_size", (3,))[0]
+    try:  # the models' own input check, on a shape-only tensor
+        check_image(torch.empty(batch, chans, size, size, device="meta"), chans, stride)
+    except ValueError as e:
+        fail(f"{type(model).__name__}: {e} (--img-size {size}; nearest allowed: "
+             f"{max(stride, size // stride * stride)} or {(size // stride + 1) * stride})")
+    return torch.randn(batch, chans, size, size)
 
 
 def verify(args, model, path: Path, example: torch.Tensor) -> float:
