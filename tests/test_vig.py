@@ -143,10 +143,6 @@ def test_mismatched_checkpoint_fails_naming_the_keys(tmp_path):
         tiny("vig_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
-def test_pretrained_without_a_weight_file_says_where_to_get_one():
-    with pytest.raises(ValueError, match="huggingface.co/hustvl/ViG.*pretrained_cfg_overlay"):
-        timm.create_model("vig_t", pretrained=True)
-
 
 class TrainingConfig:
     """Stands in for the yacs config the official training checkpoints pickle."""

@@ -175,7 +175,3 @@ def test_position_embedding_trained_elsewhere_is_resampled_around_the_class_slot
     m_old, m_new = source.pos_embed.shape[1] // 2, 32
     torch.testing.assert_close(loaded.pos_embed[:, m_new], source.pos_embed[:, m_old])
 
-
-def test_pretrained_without_a_weight_file_says_where_to_get_one():
-    with pytest.raises(ValueError, match="Vim-tiny-midclstok.*pretrained_cfg_overlay"):
-        timm.create_model("vim_t", pretrained=True)

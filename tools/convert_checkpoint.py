@@ -4,9 +4,11 @@
     python -c "import timm, visionlin; timm.create_model('vig_s', pretrained=True,
                pretrained_cfg_overlay=dict(file='vig_s.safetensors'))"
 
-The official training checkpoints also pickle non-tensor objects (hustvl/ViG stores its yacs
-config under 'config'), which torch refuses to read with ``weights_only=True``. Reading those runs
-code from the file, so it needs ``--trust-pickle``; only use it on files from a source you trust.
+Official training checkpoints also pickle their run's config (an argparse ``Namespace``, a yacs
+``CfgNode``) and metrics; those are read with ``weights_only=True`` and only these classes allowed
+(``visionlin.models._helpers.official_pickle_globals``), as ``pretrained=True`` does. A file pickling
+anything else is refused unless ``--trust-pickle`` (which runs code from the file: only for files from
+a source you trust).
 The family's ``checkpoint_filter_fn`` does the key mapping; the result is checked against the model
 (every key present, every shape right) before anything is written, and written atomically.
 """
@@ -16,7 +18,6 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 from typing import Dict, Sequence
 
 import timm
@@ -24,6 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 import visionlin  # noqa: F401  (registers the models)
+from visionlin._io import atomic_file
+from visionlin.models._helpers import official_pickle_globals
 
 WEIGHT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's order
 
@@ -32,7 +35,8 @@ def read_checkpoint(path: str, trust_pickle: bool) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(official_pickle_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise SystemExit(
@@ -83,18 +87,8 @@ def convert(model_name: str, source: str, dest: str, which: str = "auto", trust_
     print(f"mapped {len(weights)} official tensors to {len(converted)} {model_name} tensors "
           f"({renamed} renamed or reshaped)")
     out = {k: v.contiguous() for k, v in converted.items()}
-    directory = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={"source": os.path.basename(source), "model": model_name})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(dest) as tmp:
+        save_file(out, str(tmp), metadata={"source": os.path.basename(source), "model": model_name})
     print(f"wrote {dest}")
     return out
 

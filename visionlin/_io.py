@@ -30,10 +30,10 @@ def atomic_file(path: Union[str, os.PathLike]) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the usual permissions
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 (and writers may recreate it): the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,7 +1,13 @@
 """Pieces every family file shares: the classifier-pool check, official-checkpoint unwrapping, renames
-and model creation through timm's builder (pretrained weights from local files only)."""
+and model creation through timm's builder (pretrained weights through timm's loader: the official files'
+hub or release locations, a local file, or a ``local-dir:`` folder)."""
+import argparse
+import collections
+import os
 import re
+import traceback
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 from timm.models import build_model_with_cfg
@@ -128,21 +134,71 @@ def rename_key(key: str, rules: Sequence[Tuple[str, str]]) -> str:
     return key
 
 
+class PickledConfig:
+    """Stands in for yacs' ``CfgNode`` (the config VMamba's training checkpoints pickle beside the weights) while
+    unpickling: each node becomes an ``OrderedDict`` of its values (its attributes on the dict's ``__dict__``), the one
+    mapping type ``weights_only`` loading both fills and builds. Nothing of yacs runs or needs to be installed."""
+
+    def __new__(cls, *args, **kwargs):
+        return collections.OrderedDict()
+
+
+def official_pickle_globals() -> list:
+    """The non-tensor classes official training checkpoints pickle (their configs and metrics), allowed by name for
+    ``torch.load(weights_only=True)``: argparse's ``Namespace`` (RAVLT, Vim), yacs' ``CfgNode`` read as a plain dict
+    (VMamba) and numpy scalars. Plain value holders: their unpickling runs no code beyond setting attributes."""
+    import numpy as np
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return [argparse.Namespace, (PickledConfig, "yacs.config.CfgNode"), (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar"), np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+
+
+def weights_location(cfg) -> str:
+    """Where ``pretrained=True`` reads the weights for a resolved pretrained cfg, with the local cached copy."""
+    if cfg.file:
+        return f"file {cfg.file}"
+    if cfg.hf_hub_id:
+        where = f"Hugging Face hub repo {cfg.hf_hub_id}, file {cfg.hf_hub_filename or 'model.safetensors'}"
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename or "model.safetensors")
+        except ImportError:
+            cached = None
+        return where + (f" (cached at {cached})" if isinstance(cached, str) else "")
+    if cfg.url:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+        return f"{cfg.url}" + (f" (cached at {cached})" if os.path.isfile(cached) else "")
+    return "no location"
+
+
+def _raised_while_loading(e: BaseException) -> bool:
+    return any(frame.name == "load_pretrained" for frame in traceback.extract_tb(e.__traceback__))
+
+
 def create_model(cls, variant: str, pretrained: bool, filter_fn: Callable, out_indices: Tuple[int, ...],
                  weights_hint: str, **kwargs) -> nn.Module:
     """``build_model_with_cfg`` with the family's checkpoint filter and ``features_only`` through
-    ``forward_intermediates``. Official weights are not hosted in timm format: ``pretrained=True``
-    needs a local file, and without one the error says where the weights are."""
-    if pretrained:
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
-            raise ValueError(
-                f"{variant}: the official weights are not hosted in timm format; download them from "
-                f"{weights_hint} and pass pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth')")
-    return build_model_with_cfg(
-        cls, variant, pretrained,
-        pretrained_filter_fn=filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    ``forward_intermediates``. ``pretrained=True`` goes through timm's loader (download and cache, HF_HUB_OFFLINE,
+    ``pretrained_cfg_overlay``), reading official training checkpoints with ``weights_only=True`` and only their
+    config classes allowed (``official_pickle_globals``); the family's filter converts them. A failed load names the
+    variant and the file (and the cached copy to delete if the download was cut short)."""
+    if not pretrained:
+        return build_model_with_cfg(cls, variant, False, pretrained_filter_fn=filter_fn,
+                                    feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                 pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+        raise ValueError(
+            f"{variant}: no official weights are published for it; train it or pass a checkpoint with "
+            f"pretrained_cfg_overlay=dict(file='/path/to/checkpoint.pth') ({weights_hint})")
+    try:
+        with torch.serialization.safe_globals(official_pickle_globals()):
+            return build_model_with_cfg(cls, variant, True, pretrained_filter_fn=filter_fn,
+                                        feature_cfg=dict(feature_cls='getter', out_indices=out_indices), **kwargs)
+    except Exception as e:
+        if not _raised_while_loading(e):
+            raise
+        kind = next((c for c in (FileNotFoundError, ValueError) if isinstance(e, c)), RuntimeError)
+        hint = "" if cfg.file else "\n(a download cut short leaves a broken cached file: delete it to download again)"
+        raise kind(f"{variant}: could not load its pretrained weights from {weights_location(cfg)}: "
+                   f"{type(e).__name__}: {e}{hint}") from e

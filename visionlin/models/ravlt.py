@@ -270,14 +270,19 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-_WEIGHTS = ('official ImageNet-1k weights: https://huggingface.co/aldjalkdf/RAVLT (convert with '
-            'checkpoint_filter_fn); the official repository states no license')
+_WEIGHTS = ('official ImageNet-1k weights (aldjalkdf/RAVLT on the Hugging Face hub, training checkpoints), converted '
+            'on load by checkpoint_filter_fn; the official repository states no license')
+
+
+def _official(filename: str) -> Dict:
+    return _cfg(hf_hub_id='aldjalkdf/RAVLT', hf_hub_filename=filename, notes=(_WEIGHTS,))
+
 
 default_cfgs = generate_default_cfgs({
-    'ravlt_t.in1k': _cfg(notes=(_WEIGHTS,)),
-    'ravlt_s.in1k': _cfg(notes=(_WEIGHTS,)),
-    'ravlt_b.in1k': _cfg(notes=(_WEIGHTS,)),
-    'ravlt_l.in1k': _cfg(notes=(_WEIGHTS,)),
+    'ravlt_t.in1k': _official('RAVLT_T.pth'),
+    'ravlt_s.in1k': _official('RAVLT_S.pth'),
+    'ravlt_b.in1k': _official('RAVLT_B.pth'),
+    'ravlt_l.in1k': _official('RAVLT_L.pth'),
     'ravlt_s_linear': _cfg(notes=('not an official configuration: ravlt_s with RALA in all four stages, '
                                   'a pure-linear baseline; no pretrained weights',)),
 })

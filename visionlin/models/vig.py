@@ -355,15 +355,20 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-_WEIGHTS = 'official ImageNet-1k weights: https://huggingface.co/hustvl/ViG (convert with checkpoint_filter_fn)'
+_WEIGHTS = 'official ImageNet-1k weights (hustvl/ViG on the Hugging Face hub), converted on load by checkpoint_filter_fn'
+
+
+def _official(filename: str, **kwargs) -> Dict:
+    return _cfg(hf_hub_id='hustvl/ViG', hf_hub_filename=filename, notes=(_WEIGHTS,), **kwargs)
+
 
 default_cfgs = generate_default_cfgs({
-    'vig_t.in1k': _cfg(notes=(_WEIGHTS,)),
-    'vig_s.in1k': _cfg(notes=(_WEIGHTS,)),
-    'vig_b.in1k': _cfg(notes=(_WEIGHTS,)),
-    'vig_h_t.in1k': _cfg(first_conv='stem.0', pool_size=(7, 7), notes=(_WEIGHTS,)),
-    'vig_h_s.in1k': _cfg(first_conv='stem.0', pool_size=(7, 7), notes=(_WEIGHTS,)),
-    'vig_h_b.in1k': _cfg(first_conv='stem.0', pool_size=(7, 7), notes=(_WEIGHTS,)),
+    'vig_t.in1k': _official('vig_t_77p2acc.pth'),
+    'vig_s.in1k': _official('vig_s_81p7acc.pth'),
+    'vig_b.in1k': _official('vig_b_82p6acc.pth'),
+    'vig_h_t.in1k': _official('vig_h_t_82p8acc.pth', first_conv='stem.0', pool_size=(7, 7)),
+    'vig_h_s.in1k': _official('vig_h_s_83p8acc.pth', first_conv='stem.0', pool_size=(7, 7)),
+    'vig_h_b.in1k': _official('vig_h_b_84p2acc.pth', first_conv='stem.0', pool_size=(7, 7)),
 })
 
 

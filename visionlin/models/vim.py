@@ -278,10 +278,16 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
+def _official(repo: str, filename: str) -> Dict:
+    return _cfg(hf_hub_id=repo, hf_hub_filename=filename,
+                notes=(f'official ImageNet-1k weights ({repo} on the Hugging Face hub, training checkpoints), '
+                       'converted on load by checkpoint_filter_fn',))
+
+
 default_cfgs = generate_default_cfgs({
-    'vim_t.in1k': _cfg(notes=('official weights: https://huggingface.co/hustvl/Vim-tiny-midclstok',)),
-    'vim_s.in1k': _cfg(notes=('official weights: https://huggingface.co/hustvl/Vim-small-midclstok',)),
-    'vim_b.in1k': _cfg(notes=('official weights: https://huggingface.co/hustvl/Vim-base-midclstok',)),
+    'vim_t.in1k': _official('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_76p1acc.pth'),
+    'vim_s.in1k': _official('hustvl/Vim-small-midclstok', 'vim_s_midclstok_80p5acc.pth'),
+    'vim_b.in1k': _official('hustvl/Vim-base-midclstok', 'vim_b_midclstok_81p9acc.pth'),
 })
 
 

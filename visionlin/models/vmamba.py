@@ -185,12 +185,13 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-_WEIGHTS = 'official ImageNet-1k weights: https://github.com/MzeroMiko/VMamba/releases (convert with checkpoint_filter_fn)'
+_RELEASE = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'  # the '#v2cls' release's assets
+_WEIGHTS = 'official ImageNet-1k weights (a MzeroMiko/VMamba release asset), converted on load by checkpoint_filter_fn'
 
 default_cfgs = generate_default_cfgs({
-    'vmamba_t.in1k': _cfg(notes=(_WEIGHTS,)),
-    'vmamba_s.in1k': _cfg(notes=(_WEIGHTS,)),
-    'vmamba_b.in1k': _cfg(notes=(_WEIGHTS,)),
+    'vmamba_t.in1k': _cfg(url=_RELEASE + 'vssm1_tiny_0230s_ckpt_epoch_264.pth', notes=(_WEIGHTS,)),
+    'vmamba_s.in1k': _cfg(url=_RELEASE + 'vssm1_small_0229s_ckpt_epoch_240.pth', notes=(_WEIGHTS,)),
+    'vmamba_b.in1k': _cfg(url=_RELEASE + 'vssm1_base_0229s_ckpt_epoch_225.pth', notes=(_WEIGHTS,)),
 })
 
 

@@ -101,11 +101,13 @@ def read_checkpoint(path: str, map_location="cpu") -> Dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device=str(map_location))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+    from ..models._helpers import official_pickle_globals
+    try:  # official training checkpoints' configs are allowed by class, as for pretrained=True
+        with torch.serialization.safe_globals(official_pickle_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise RuntimeError(f"could not read checkpoint {path} with weights_only=True: {e}. If it is a "
-                           "trusted official checkpoint that pickles a config, convert it first with "
+                           "trusted checkpoint that pickles other objects, convert it first with "
                            "tools/convert_checkpoint.py --trust-pickle") from e
 
 
