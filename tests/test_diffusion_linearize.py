@@ -493,8 +493,29 @@ class OfficialForward(nn.Module):
         return L.to_out[0]((q @ kv / z).transpose(1, 2).flatten(2))
 
 
-@pytest.mark.parametrize("sdxl, scale, form", [(False, 1, "safetensors"), (True, 16, "repo folder"), (False, 1, "fp16 .bin")])
-def test_official_layout_loads_and_reproduces_the_official_model(sdxl, scale, form, tmp_path):
+def hub_snapshot(cache, repo):
+    """The snapshot folder huggingface_hub's cache layout gives ``repo`` at main (refs/main -> snapshots/<commit>)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    return folder / "snapshots" / commit
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache in offline mode (HF_HUB_OFFLINE=1): no request leaves the machine."""
+    import huggingface_hub
+    cache = tmp_path / "hf_cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("sdxl, scale, form", [(False, 1, "safetensors"), (True, 16, "repo folder"), (False, 1, "fp16 .bin"),
+                                               (True, 16, "hub id")])
+def test_official_layout_loads_and_reproduces_the_official_model(sdxl, scale, form, tmp_path, offline_hub):
     reference = tiny_unet(sdxl=sdxl)
     names = [n for n, m in reference.named_modules() if isinstance(m, Attention) and "attn1" in n]  # the official rule
     layers = [official_layer(attentions(reference)[n], attentions(reference)[n].to_q.weight.shape[0] // scale) for n in names]
@@ -513,8 +534,8 @@ def test_official_layout_loads_and_reproduces_the_official_model(sdxl, scale, fo
         path = tmp_path / "linfusion.bin"
         torch.save({k: t.half() for k, t in state.items()}, path)
     else:
-        path = tmp_path / "LinFusion-XL"
-        path.mkdir()
+        path = hub_snapshot(offline_hub, "Yuanshi/LinFusion-XL") if form == "hub id" else tmp_path / "LinFusion-XL"
+        path.mkdir(exist_ok=True)
         save_file(state, str(path / "diffusion_pytorch_model.safetensors"))
         modules = [{"module_name": n, "dim_n": layer.to_q.weight.shape[0], "heads": layer.heads,
                     "projection_mid_dim": layer.to_q.weight.shape[0] // scale} for n, layer in zip(names, layers)]
@@ -524,7 +545,7 @@ def test_official_layout_loads_and_reproduces_the_official_model(sdxl, scale, fo
         setattr(reference.get_submodule(parent), attr, OfficialForward(layer))
 
     unet = tiny_unet(sdxl=sdxl)
-    handle = linearize(unet, weights=path)
+    handle = linearize(unet, weights="Yuanshi/LinFusion-XL" if form == "hub id" else path)
     assert list(handle.layers) == names
     assert {s.feature_dim for s in handle.layers.values()} == {64 // scale} | ({32 // scale} if not sdxl else set())
     inputs = unet_inputs(unet)
@@ -538,6 +559,14 @@ def official_sd_file(tmp_path, unet=None):
         official.add_module(str(i), official_layer(attn, attn.query_dim))
     save_file(official.state_dict(), str(tmp_path / "linfusion.safetensors"))
     return tmp_path / "linfusion.safetensors"
+
+
+def test_a_hub_id_missing_from_the_offline_cache_is_named(offline_hub):
+    with pytest.raises(FileNotFoundError, match=r"'Yuanshi/LinFusion-1-5' are not a local path, and the Hugging Face "
+                                                r"hub repo could not be fetched"):
+        linearize(tiny_unet(), weights="Yuanshi/LinFusion-1-5")
+    with pytest.raises(FileNotFoundError, match=r"official: Yuanshi/LinFusion-1-5, Yuanshi/LinFusion-2-1"):
+        linearize(tiny_unet(), weights="someone/not-linfusion")
 
 
 def test_official_weights_for_another_model_are_refused(tmp_path):

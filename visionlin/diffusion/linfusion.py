@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -55,6 +54,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._io import atomic_file
 from ..layers.linfusion import GeneralizedLinearAttention
 
 __all__ = ["linearize", "LinearizedAttention", "LinFusionAttnProcessor", "LinearAttentionSpec", "FeatureDim",
@@ -64,6 +64,10 @@ SUPPORTED_MODELS = (UNet2DConditionModel, DiTTransformer2DModel, PixArtTransform
 FORMAT_VERSION = 1
 METADATA_KEY = "visionlin.linfusion"
 OFFICIAL_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# the official LinFusion repos on the Hugging Face hub (Huage001/LinFusion's README and model table) and their bases
+OFFICIAL_REPOS = {"Yuanshi/LinFusion-1-5": "SD 1.5 and its fine-tunes (e.g. Realistic Vision 4, DreamShaper 8)",
+                  "Yuanshi/LinFusion-2-1": "SD 2.1", "Yuanshi/LinFusion-XL": "SDXL"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 INITS = ("teacher", "fresh")
 
@@ -203,14 +207,8 @@ class LinearizedAttention:
             raise ValueError(f"save path must end in .safetensors, got {str(path)!r}")
         tensors = {k: t.detach().cpu().contiguous() for k, t in self.state_dict().items()}
         config = {"format_version": FORMAT_VERSION, "layers": {n: asdict(s) for n, s in self.layers.items()}}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(config)})
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(config)})
         return path
 
     def load(self, path: PathLike) -> None:
@@ -239,7 +237,8 @@ def linearize(pipe_or_model, weights: Optional[PathLike] = None, *, feature_dim:
         pipe_or_model: a pipeline with a supported ``unet`` / ``transformer`` (the VAE is left alone), or a
             supported model (see ``SUPPORTED_MODELS``).
         weights: a file written by :meth:`LinearizedAttention.save`, or official LinFusion weights (a
-            ``.safetensors`` / ``.bin`` file or the repo folder holding ``diffusion_pytorch_model.*``). The
+            ``.safetensors`` / ``.bin`` file, the repo folder holding ``diffusion_pytorch_model.*``, or the hub
+            repo id itself, e.g. ``'Yuanshi/LinFusion-1-5'``: see ``OFFICIAL_REPOS``). The
             layer shapes then come from the file, so leave ``feature_dim`` and ``init`` at their defaults.
         feature_dim: feature-MLP width m per layer of width d: ``'d'`` (LinFusion's default), ``'d/<k>'``
             (``'d/16'`` is LinFusion-XL's), a positive int for every layer, or None for no feature MLP.
@@ -339,8 +338,22 @@ def _read_weights(path: PathLike, base: dict[str, LinearAttentionSpec], model_na
     return specs, state, file
 
 
+def _from_hub(repo_id: str) -> Path:
+    """The local snapshot folder of a hub repo's LinFusion files (downloaded once; HF_HUB_OFFLINE uses the cache)."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["config.json", *OFFICIAL_WEIGHT_FILES]))
+    except Exception as e:
+        known = f" (official: {', '.join(OFFICIAL_REPOS)})" if repo_id not in OFFICIAL_REPOS else ""
+        raise FileNotFoundError(f"LinFusion weights {repo_id!r} are not a local path, and the Hugging Face hub repo "
+                                f"could not be fetched{known}: {type(e).__name__}: {e}") from e
+
+
 def _weights_file(path: Path) -> tuple[Path, Optional[Path]]:
-    """The weights file to read and, for an official repo folder, its config.json (None when absent)."""
+    """The weights file to read and, for an official repo folder, its config.json (None when absent). A hub repo id
+    (``Yuanshi/LinFusion-1-5``) that is not a local path is fetched into the Hugging Face cache first."""
+    if not path.exists() and HUB_ID.fullmatch(path.as_posix()):
+        path = _from_hub(path.as_posix())
     if not path.exists():
         raise FileNotFoundError(f"LinFusion weights not found: {path}")
     if path.is_file():
