@@ -225,3 +225,26 @@ def test_convert_tool_and_local_files_read_official_training_checkpoints_without
         loaded = tiny("vim_t", pretrained=True, pretrained_cfg_overlay=dict(file=str(file))).eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), source(x))
+
+
+def test_hub_dir_is_a_timm_model_folder_that_loads_unchanged(tmp_path):
+    from zoo import load_tool
+    convert = load_tool("convert_checkpoint")
+    source = _source("ravlt_t", 7)
+    path = tmp_path / "RAVLT_T.pth"
+    torch.save({"model": official_ravlt_state_dict(source), **training_extras(source)}, path)
+    hub_dir = tmp_path / "ravlt_t.in1k"
+    convert.convert("ravlt_t", str(path), hub_dir=str(hub_dir), **tiny_args("ravlt_t"))
+    assert sorted(p.name for p in hub_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["RAVLT_T.pth", "ravlt_t.in1k"]  # no partial folder left
+    loaded = timm.create_model(f"local-dir:{hub_dir}", pretrained=True).eval()
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+    readme = (hub_dir / "README.md").read_text()
+    assert readme.startswith("---\ntags:\n- image-classification\n- timm\n- visionlin\n")
+    assert "RAVLT_T.pth" in readme and "## Compile and deploy" in readme  # timm's card, then the family card
+    with pytest.raises(SystemExit, match="exists and is not an empty folder"):
+        convert.convert("ravlt_t", str(path), hub_dir=str(hub_dir), **tiny_args("ravlt_t"))
+    with pytest.raises(SystemExit, match="either an output .safetensors file or --hub-dir"):
+        convert.convert("ravlt_t", str(path), **tiny_args("ravlt_t"))
