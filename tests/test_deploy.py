@@ -115,6 +115,22 @@ def test_onnx_file_holds_only_standard_onnx_ops(tmp_path):
         assert domains <= {"", "ai.onnx", "pkg.onnxscript.torch_lib.common"}, (name, domains)
 
 
+@pytest.mark.parametrize("name", ["vig_t", "vim_t", "vmamba_t"])
+def test_onnx_graph_does_not_grow_with_the_image_the_chunk_states_are_one_scan(tmp_path, name):
+    """The chunk-state pass is an ONNX Scan op, not a Python loop unrolled per chunk: at 128² (4x the tokens, 4x the
+    chunks) the graph is about as large as at 64² (a few shape-dependent nodes differ, e.g. padding), so
+    high-resolution files stay small and quick to export."""
+    import onnx
+    model = tiny(name).eval()
+    counts = []
+    for size in (SMALL, 2 * SMALL):
+        path, _ = deploy.export_onnx(model, torch.randn(1, 3, size, size), tmp_path / f"{size}.onnx")
+        graph = onnx.load(str(path)).graph
+        assert "Scan" in {n.op_type for n in graph.node}
+        counts.append(len(graph.node))
+    assert abs(counts[1] - counts[0]) <= 0.05 * counts[0], counts
+
+
 def test_plain_torch_onnx_export_needs_no_helper(tmp_path):
     """A user's own torch.onnx.export call also gets the PyTorch paths (the dispatch sees the ONNX export)."""
     model = tiny("vim_t").eval()

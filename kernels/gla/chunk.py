@@ -17,11 +17,10 @@ so that both share every op):
 Gates are clamped at ``-GATE_FLOOR``: a per-token decay of exp(-30) ~ 1e-13 is already zero at
 float32 precision, and the clamp keeps -inf out of the cumulative sums (where -inf - -inf = NaN).
 """
-from __future__ import annotations
 
 import torch
 
-from .._dispatch import tracing
+from .._dispatch import onnx_exporting, tracing
 
 SUB = 16
 CHUNK = 2 * SUB
@@ -77,13 +76,29 @@ def _causal_chunk_gla(q, k, v, g, SUB: int = SUB, DIAG_FLOAT32_RANGE: float = DI
     q_in = (q_dec * torch.cat((ones, exp_T[:, :, :1]), dim=2)).reshape(G * nc, CHUNK, K)
     del q_dec
     decay = (exp_T[:, :, 0] * exp_T[:, :, 1]).transpose(-1, -2)     # (G, nc, K, 1)
-    entry = [updates.new_zeros(G, K, V)]
-    for c in range(nc - 1):
-        entry.append(torch.addcmul(updates[:, c], entry[-1], decay[:, c]))
+    if onnx_exporting():
+        states = _scan_chunk_states(updates, decay).reshape(G * nc, K, V)
+    else:
+        entry = [updates.new_zeros(G, K, V)]
+        for c in range(nc - 1):
+            entry.append(torch.addcmul(updates[:, c], entry[-1], decay[:, c]))
+        states = torch.stack(entry, dim=1).reshape(G * nc, K, V)
     del updates
-    states = torch.stack(entry, dim=1).reshape(G * nc, K, V)
     out = torch.baddbmm(out.reshape(G * nc, CHUNK, V), q_in, states)
     return out.reshape(G, N, V)
+
+
+def _state_step(carry, x):
+    update, decay = x
+    return torch.addcmul(update, carry, decay), carry.clone()
+
+
+@torch.jit.unused
+def _scan_chunk_states(updates, decay):
+    """The chunk-entry states (G, nc, K, V) by ``torch.scan`` over the chunks (an ONNX Scan op when exported)."""
+    from torch._higher_order_ops.scan import scan
+    _, entry = scan(_state_step, torch.zeros_like(updates[:, 0]), (updates.movedim(1, 0), decay.movedim(1, 0)))
+    return entry.movedim(0, 1)
 
 
 def _stacked(x_f, x_b, n_pad: int):

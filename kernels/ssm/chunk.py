@@ -23,7 +23,6 @@ exponentials run in float32 while every |L| <= FLOAT32_RANGE and in float64 othe
 is a normal float64). Traced graphs (torch.compile, torch.export, ONNX) always clamp and always take
 float64 exponentials: one graph, exact for every input, with no branch on a tensor's values.
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._dispatch import tracing
+from .._dispatch import onnx_exporting, tracing
 from .naive import route_backward, route_forward
 
 CHUNK = 16
@@ -119,13 +118,19 @@ def _chunk_scan(u, delta, A, B, C, D: Optional[Tensor], z: Optional[Tensor], del
 
     # chunk-entry states: s_{c+1} = exp(L_end,c) (s_c + cs_end,c)
     dec, ends = exp_L[..., -1], cs[..., -1]                             # (b, G, dg, n, nc)
-    states = [ends.new_zeros(b, G, dg, n)]
-    for c in range(nc - 1 + int(return_last_state)):
-        states.append(dec[..., c] * (states[-1] + ends[..., c]))
     last: Optional[Tensor] = None
-    if return_last_state:
-        last = states.pop().to(cd).reshape(b, d, n)
-    x0 = torch.stack(states, dim=-1).unsqueeze(-1)                      # (b, G, dg, n, nc, 1)
+    if onnx_exporting():
+        entry, final = _scan_chunk_states(dec, ends)
+        if return_last_state:
+            last = final.to(cd).reshape(b, d, n)
+    else:
+        states = [ends.new_zeros(b, G, dg, n)]
+        for c in range(nc - 1 + int(return_last_state)):
+            states.append(dec[..., c] * (states[-1] + ends[..., c]))
+        if return_last_state:
+            last = states.pop().to(cd).reshape(b, d, n)
+        entry = torch.stack(states, dim=-1)
+    x0 = entry.unsqueeze(-1)                                            # (b, G, dg, n, nc, 1)
     x = (exp_L * (cs + x0)).view(b, G, dg, n, lp)[..., :l]
     del cs, exp_L, x0
     y = (x * Cg).sum(3, dtype=cd).reshape(b, d, l)
@@ -134,6 +139,19 @@ def _chunk_scan(u, delta, A, B, C, D: Optional[Tensor], z: Optional[Tensor], del
     if z is not None:
         y = y * F.silu(z.to(cd))
     return y.to(out_dtype), last
+
+
+def _state_step(carry, x):
+    dec, end = x
+    return dec * (carry + end), carry.clone()
+
+
+@torch.jit.unused
+def _scan_chunk_states(dec, ends) -> Tuple[Tensor, Tensor]:
+    """The chunk-entry states (..., nc) and the state after the last chunk, by ``torch.scan`` over the chunks."""
+    from torch._higher_order_ops.scan import scan
+    final, entry = scan(_state_step, torch.zeros_like(ends[..., 0]), (dec.movedim(-1, 0), ends.movedim(-1, 0)))
+    return entry.movedim(0, -1), final
 
 
 def project_delta(delta, delta_proj_weight: Optional[Tensor] = None):

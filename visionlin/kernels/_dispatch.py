@@ -52,6 +52,14 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
+def onnx_exporting() -> bool:
+    """True inside ``torch.onnx.export``: the PyTorch paths then pass chunk states with ``torch.scan`` (an ONNX Scan
+    op, one loop body) instead of a Python loop that the exported graph would unroll (thousands of steps at 1024²)."""
+    if torch.jit.is_scripting():
+        return False
+    return torch.onnx.is_in_onnx_export()
+
+
 @contextlib.contextmanager
 def use_backend(backend: str) -> Iterator[None]:
     """Force a backend for every visionlin kernel called inside the block (thread-local)."""
